@@ -1,0 +1,947 @@
+//! The configuration file: TOML, `version = 1`, validated into [`Config`].
+//!
+//! Every problem is reported with its key path (`clients.idp.timeout: …`), all at once, so an operator fixes a
+//! config in one pass. That is why the TOML is walked by hand rather than deserialized with serde, which stops
+//! at the first error. Unknown keys are errors, and so is a literal secret. Secrets are read while validating,
+//! so an unreadable or world-readable secret file is a config error too.
+//!
+//! Error messages quote config values, except secrets; a TOML syntax error names its line and column but does
+//! not quote the line, which could hold a secret someone pasted by mistake.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use toml::Value;
+
+use crate::policy::{Matcher, Policy, PolicySet};
+use crate::scope::ScopePattern;
+use crate::secret::{Secret, SecretEnv, SecretSource};
+use crate::sys;
+
+/// The default config file.
+pub const DEFAULT_PATH: &str = "/etc/credbroker/credbroker.toml";
+/// The default socket.
+pub const DEFAULT_SOCKET: &str = "/run/credbroker/credbroker.sock";
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[clients.NAME]`, by name.
+    pub clients: BTreeMap<String, Arc<ClientConfig>>,
+    /// `[[policy]]`, in file order.
+    pub policies: PolicySet,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Socket path (ignored when systemd passes a socket).
+    pub socket: PathBuf,
+    /// Socket permission bits.
+    pub socket_mode: u32,
+    /// Group that owns the socket: name and gid.
+    pub socket_group: Option<(String, u32)>,
+    /// Users who may use administrative calls.
+    pub admins: Vec<String>,
+    /// The least lifetime a handed-out token has left when a request says `min_ttl_seconds = 0`; never more
+    /// than half of a token's lifetime is required.
+    pub default_min_ttl: Duration,
+}
+
+/// How the broker authenticates to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// HTTP Basic (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
+}
+
+impl fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClientSecretBasic => "client_secret_basic",
+            Self::ClientSecretPost => "client_secret_post",
+        })
+    }
+}
+
+/// How Basic credentials are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasicEncoding {
+    /// `application/x-www-form-urlencoded` id and secret, as RFC 6749 §2.3.1 says (the default).
+    Form,
+    /// Raw id and secret, for servers that do not decode.
+    Raw,
+}
+
+/// `[clients.NAME]`.
+#[derive(Debug)]
+pub struct ClientConfig {
+    /// The table's name.
+    pub name: String,
+    /// The token endpoint.
+    pub token_url: Url,
+    /// The OAuth client id.
+    pub client_id: String,
+    /// The client secret (its `Debug` is redacted).
+    pub secret: Secret,
+    /// How to authenticate.
+    pub auth_method: AuthMethod,
+    /// How to encode Basic credentials.
+    pub basic_encoding: BasicEncoding,
+    /// Sent with every token request (`audience`, `resource`…).
+    pub extra_params: Vec<(String, String)>,
+    /// Lifetime assumed when the IdP omits `expires_in`.
+    pub default_ttl: Duration,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Key path, e.g. `clients.idp.timeout` or `policy[2].match`; empty for the whole file.
+    pub key: String,
+    /// What is wrong and, where it helps, how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file, if it came from one.
+    pub path: Option<PathBuf>,
+    /// The problems, in file order.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        match &self.path {
+            Some(p) => write!(f, "{}: {n} error{}", p.display(), if n == 1 { "" } else { "s" })?,
+            None => write!(f, "config: {n} error{}", if n == 1 { "" } else { "s" })?,
+        }
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file, loading its secrets.
+    ///
+    /// # Errors
+    /// Every problem found, with key paths.
+    pub fn load(path: &Path, env: &SecretEnv<'_>) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            path: Some(path.to_owned()),
+            errors: vec![ConfigError {
+                key: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            }],
+        })?;
+        Self::parse(&text, env).map_err(|mut e| {
+            e.path = Some(path.to_owned());
+            e
+        })
+    }
+
+    /// Validates config text, loading its secrets.
+    ///
+    /// # Errors
+    /// Every problem found, with key paths.
+    pub fn parse(text: &str, env: &SecretEnv<'_>) -> Result<Self, ConfigErrors> {
+        let mut errs = Errors::default();
+        let root: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                let at = e.span().map(|s| line_col(text, s.start)).unwrap_or_default();
+                errs.push("", format!("invalid TOML{at}: {}", e.message().trim()));
+                return Err(errs.into_result());
+            }
+        };
+        let mut t = Walk::new("", &root);
+        match t.get("version") {
+            None => errs.push("version", "missing; this file format needs `version = 1`"),
+            Some(Value::Integer(1)) => {}
+            Some(v) => errs.push("version", format!("unsupported version {v} (this credbrokerd reads 1)")),
+        }
+        let daemon = match t.get("daemon") {
+            None => Some(DaemonConfig::defaults()),
+            Some(v) => as_table(&mut errs, "daemon", v).map(|d| daemon_config(&mut errs, d)),
+        };
+        let mut clients = BTreeMap::new();
+        match t.get("clients") {
+            None => errs.push("clients", "no clients configured; add a [clients.NAME] table"),
+            Some(v) => {
+                if let Some(table) = as_table(&mut errs, "clients", v) {
+                    if table.is_empty() {
+                        errs.push("clients", "no clients configured; add a [clients.NAME] table");
+                    }
+                    for (name, v) in table {
+                        let key = format!("clients.{name}");
+                        if !is_name(name) {
+                            errs.push(&key, "client names use letters, digits, '-', '_' and '.' (at most 64)");
+                            continue;
+                        }
+                        if let Some(ct) = as_table(&mut errs, &key, v)
+                            && let Some(c) = client_config(&mut errs, &key, name, ct, env)
+                        {
+                            clients.insert(name.clone(), Arc::new(c));
+                        }
+                    }
+                }
+            }
+        }
+        let known_clients: HashSet<&str> = match root.get("clients") {
+            Some(Value::Table(t)) => t.keys().map(String::as_str).collect(),
+            _ => HashSet::new(),
+        };
+        let mut policies = Vec::new();
+        match t.get("policy") {
+            None => {}
+            Some(Value::Array(list)) => {
+                let mut names = HashSet::new();
+                for (i, v) in list.iter().enumerate() {
+                    let key = format!("policy[{i}]");
+                    if let Some(pt) = as_table(&mut errs, &key, v)
+                        && let Some(p) = policy(&mut errs, &key, pt, &known_clients)
+                    {
+                        if !names.insert(p.name.clone()) {
+                            errs.push(format!("{key}.name"), format!("duplicate policy name {:?}", p.name));
+                        }
+                        policies.push(p);
+                    }
+                }
+            }
+            Some(_) => errs.push("policy", "expected [[policy]] tables"),
+        }
+        t.finish(&mut errs);
+        if !errs.0.is_empty() {
+            return Err(errs.into_result());
+        }
+        Ok(Self {
+            daemon: daemon.unwrap_or_else(DaemonConfig::defaults),
+            clients,
+            policies: PolicySet::new(policies),
+        })
+    }
+
+    /// A summary for `check-config`, without secrets.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let d = &self.daemon;
+        let _ = writeln!(s, "socket: {} (mode {:04o}", d.socket.display(), d.socket_mode);
+        s.pop();
+        if let Some((g, gid)) = &d.socket_group {
+            let _ = write!(s, ", group {g} ({gid})");
+        }
+        let _ = writeln!(s, ")");
+        let _ = writeln!(s, "default min ttl: {}", humantime::format_duration(d.default_min_ttl));
+        let _ = writeln!(s, "clients: {}", self.clients.len());
+        for c in self.clients.values() {
+            let _ = writeln!(
+                s,
+                "  {}: {} client_id={} auth={} secret from {} timeout={} default_ttl={}",
+                c.name,
+                c.token_url,
+                c.client_id,
+                c.auth_method,
+                c.secret.source(),
+                humantime::format_duration(c.timeout),
+                humantime::format_duration(c.default_ttl),
+            );
+        }
+        let policies = self.policies.policies();
+        let _ = writeln!(s, "policies: {}", policies.len());
+        for p in policies {
+            let scopes: Vec<String> = p.scopes.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                s,
+                "  {}: match {} -> client {} scopes [{}]",
+                p.name,
+                p.matcher,
+                p.clients.join(", "),
+                scopes.join(", ")
+            );
+        }
+        s
+    }
+}
+
+impl DaemonConfig {
+    fn defaults() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: 0o666,
+            socket_group: None,
+            admins: vec!["root".to_owned()],
+            default_min_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn into_result(self) -> ConfigErrors {
+        ConfigErrors {
+            path: None,
+            errors: self.0,
+        }
+    }
+}
+
+/// A table being read: remembers which keys were used so the rest can be reported as unknown.
+struct Walk<'t> {
+    prefix: String,
+    table: &'t toml::Table,
+    used: HashSet<&'t str>,
+}
+
+impl<'t> Walk<'t> {
+    fn new(prefix: &str, table: &'t toml::Table) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            table,
+            used: HashSet::new(),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.prefix)
+        }
+    }
+
+    fn get(&mut self, key: &'t str) -> Option<&'t Value> {
+        let (k, v) = self.table.get_key_value(key)?;
+        self.used.insert(k.as_str());
+        Some(v)
+    }
+
+    fn finish(self, errs: &mut Errors) {
+        for k in self.table.keys() {
+            if !self.used.contains(k.as_str()) {
+                errs.push(self.key(k), "unknown key");
+            }
+        }
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(" at line {line}, column {col}")
+}
+
+fn type_name(v: &Value) -> &'static str {
+    v.type_str()
+}
+
+fn as_table<'v>(errs: &mut Errors, key: &str, v: &'v Value) -> Option<&'v toml::Table> {
+    match v {
+        Value::Table(t) => Some(t),
+        other => {
+            errs.push(key, format!("expected a table, found {}", type_name(other)));
+            None
+        }
+    }
+}
+
+fn string(errs: &mut Errors, key: &str, v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if s.is_empty() => {
+            errs.push(key, "must not be empty");
+            None
+        }
+        Value::String(s) => Some(s.clone()),
+        other => {
+            errs.push(key, format!("expected a string, found {}", type_name(other)));
+            None
+        }
+    }
+}
+
+/// One value or a non-empty list of them.
+fn one_or_list<T>(
+    errs: &mut Errors,
+    key: &str,
+    v: &Value,
+    item: impl Fn(&mut Errors, &str, &Value) -> Option<T>,
+) -> Option<Vec<T>> {
+    match v {
+        Value::Array(list) if list.is_empty() => {
+            errs.push(key, "empty list");
+            None
+        }
+        Value::Array(list) => {
+            let before = errs.0.len();
+            let items: Vec<T> = list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| item(errs, &format!("{key}[{i}]"), v))
+                .collect();
+            (errs.0.len() == before).then_some(items)
+        }
+        one => item(errs, key, one).map(|x| vec![x]),
+    }
+}
+
+fn id(errs: &mut Errors, key: &str, v: &Value) -> Option<u32> {
+    match v {
+        Value::Integer(i) => match u32::try_from(*i) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                errs.push(key, format!("{i} is not a valid id (0 to 4294967295)"));
+                None
+            }
+        },
+        other => {
+            errs.push(key, format!("expected an integer id, found {}", type_name(other)));
+            None
+        }
+    }
+}
+
+/// `"90"`, `"90s"`, `"5m"`, `"1h 30m"`, or an integer number of seconds.
+fn duration(errs: &mut Errors, key: &str, v: &Value) -> Option<Duration> {
+    let parsed = match v {
+        Value::Integer(i) => u64::try_from(*i).map(Duration::from_secs).map_err(|_| "negative".to_owned()),
+        Value::String(s) => parse_duration(s),
+        other => Err(format!("expected a duration such as \"90s\" or \"5m\", found {}", type_name(other))),
+    };
+    match parsed {
+        Ok(d) if d.is_zero() => {
+            errs.push(key, "must be longer than zero");
+            None
+        }
+        Ok(d) if d > Duration::from_secs(7 * 24 * 3600) => {
+            errs.push(key, "must be at most 7 days");
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.push(key, e);
+            None
+        }
+    }
+}
+
+/// Parses `"90"` (seconds), `"90s"`, `"5m"`, `"1h 30m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map(Duration::from_secs).map_err(|e| format!("{s:?}: {e}"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration such as \"90s\" or \"5m\": {e}"))
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
+    let mut t = Walk::new("daemon", table);
+    let mut d = DaemonConfig::defaults();
+    if let Some(v) = t.get("socket") {
+        let key = t.key("socket");
+        if let Some(s) = string(errs, &key, v) {
+            if s.starts_with('/') {
+                d.socket = PathBuf::from(s);
+            } else {
+                errs.push(key, "must be an absolute path");
+            }
+        }
+    }
+    if let Some(v) = t.get("socket_mode") {
+        let key = t.key("socket_mode");
+        let mode = match v {
+            Value::String(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).ok(),
+            Value::Integer(i) => u32::try_from(*i).ok(),
+            _ => None,
+        };
+        match mode {
+            Some(m) if m <= 0o777 => d.socket_mode = m,
+            _ => errs.push(key, "expected octal permission bits such as \"0660\""),
+        }
+    }
+    if let Some(v) = t.get("socket_group") {
+        let key = t.key("socket_group");
+        if let Some(name) = string(errs, &key, v) {
+            match sys::group_id(&name) {
+                Some(gid) => d.socket_group = Some((name, gid)),
+                None => errs.push(key, format!("no group named {name:?}")),
+            }
+        }
+    }
+    if let Some(v) = t.get("admins") {
+        if let Some(list) = one_or_list(errs, &t.key("admins"), v, string) {
+            d.admins = list;
+        }
+    }
+    if let Some(v) = t.get("default_min_ttl") {
+        if let Some(ttl) = duration(errs, &t.key("default_min_ttl"), v) {
+            d.default_min_ttl = ttl;
+        }
+    }
+    t.finish(errs);
+    d
+}
+
+fn client_config(
+    errs: &mut Errors,
+    prefix: &str,
+    name: &str,
+    table: &toml::Table,
+    env: &SecretEnv<'_>,
+) -> Option<ClientConfig> {
+    let before = errs.0.len();
+    let mut t = Walk::new(prefix, table);
+
+    let allow_http = match t.get("allow_http") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(other) => {
+            errs.push(t.key("allow_http"), format!("expected true or false, found {}", type_name(other)));
+            false
+        }
+    };
+    if t.get("issuer").is_some() {
+        errs.push(t.key("issuer"), "OIDC discovery is not supported by this version; set token_url");
+    }
+    let token_url = match t.get("token_url") {
+        None => {
+            errs.push(t.key("token_url"), "missing; the IdP's token endpoint, e.g. \"https://idp.example/oauth2/token\"");
+            None
+        }
+        Some(v) => string(errs, &t.key("token_url"), v).and_then(|s| {
+            token_url(&s, allow_http).map_err(|e| errs.push(t.key("token_url"), e)).ok()
+        }),
+    };
+    let client_id = match t.get("client_id") {
+        None => {
+            errs.push(t.key("client_id"), "missing");
+            None
+        }
+        Some(v) => string(errs, &t.key("client_id"), v),
+    };
+    let secret = match t.get("client_secret") {
+        None => {
+            errs.push(t.key("client_secret"), "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }");
+            None
+        }
+        Some(v) => secret(errs, &t.key("client_secret"), v, env),
+    };
+    let auth_method = match t.get("auth_method") {
+        None => Some(AuthMethod::ClientSecretBasic),
+        Some(Value::String(s)) if s == "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
+        Some(Value::String(s)) if s == "client_secret_post" => Some(AuthMethod::ClientSecretPost),
+        Some(Value::String(s)) if s == "private_key_jwt" => {
+            errs.push(t.key("auth_method"), "private_key_jwt is not supported by this version");
+            None
+        }
+        Some(_) => {
+            errs.push(t.key("auth_method"), "expected \"client_secret_basic\" or \"client_secret_post\"");
+            None
+        }
+    };
+    let basic_encoding = match t.get("basic_encoding") {
+        None => BasicEncoding::Form,
+        Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
+        Some(Value::String(s)) if s == "raw" => BasicEncoding::Raw,
+        Some(_) => {
+            errs.push(t.key("basic_encoding"), "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"");
+            BasicEncoding::Form
+        }
+    };
+    if basic_encoding == BasicEncoding::Raw
+        && let Some(id) = &client_id
+        && id.contains(':')
+    {
+        errs.push(t.key("client_id"), "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"");
+    }
+    let mut extra_params = Vec::new();
+    if let Some(v) = t.get("extra_params") {
+        let key = t.key("extra_params");
+        if let Some(table) = as_table(errs, &key, v) {
+            for (k, v) in table {
+                let pkey = format!("{key}.{k}");
+                if RESERVED_PARAMS.contains(&k.as_str()) {
+                    errs.push(pkey, "is set by credbroker itself and cannot be overridden");
+                } else if let Some(s) = string(errs, &pkey, v) {
+                    extra_params.push((k.clone(), s));
+                }
+            }
+        }
+    }
+    let default_ttl = t
+        .get("default_ttl")
+        .map_or(Some(Duration::from_secs(300)), |v| duration(errs, &t.key("default_ttl"), v));
+    let timeout = t
+        .get("timeout")
+        .map_or(Some(Duration::from_secs(10)), |v| duration(errs, &t.key("timeout"), v));
+    t.finish(errs);
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(ClientConfig {
+        name: name.to_owned(),
+        token_url: token_url?,
+        client_id: client_id?,
+        secret: secret?,
+        auth_method: auth_method?,
+        basic_encoding,
+        extra_params,
+        default_ttl: default_ttl?,
+        timeout: timeout?,
+    })
+}
+
+const RESERVED_PARAMS: [&str; 6] = [
+    "grant_type",
+    "scope",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+];
+
+/// Parses a token endpoint URL: https, or http on a loopback address (or anywhere with `allow_http`).
+fn token_url(s: &str, allow_http: bool) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials; use client_id and client_secret".to_owned());
+    }
+    if url.fragment().is_some() {
+        return Err("must not have a #fragment".to_owned());
+    }
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if allow_http || is_loopback(&url) => Ok(url),
+        "http" => Err(format!(
+            "{s:?} is plain http to a non-loopback host: the client secret would cross the network in clear; \
+             use https (or set allow_http = true if you really mean it)"
+        )),
+        other => Err(format!("unsupported scheme {other:?}; use https")),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Option<Secret> {
+    let table = match v {
+        Value::Table(t) => t,
+        // Never echo the value: it may be the secret itself.
+        Value::String(_) => {
+            errs.push(
+                key,
+                "a secret must not be written in the config file; use { file = \"/path\" }, \
+                 { credential = \"NAME\" } (systemd LoadCredential=) or { env = \"VAR\" }",
+            );
+            return None;
+        }
+        other => {
+            errs.push(key, format!("expected {{ file = … }}, {{ credential = … }} or {{ env = … }}, found {}", type_name(other)));
+            return None;
+        }
+    };
+    if table.len() != 1 {
+        errs.push(key, "give exactly one of file, credential or env");
+        return None;
+    }
+    let (kind, v) = table.iter().next()?;
+    let skey = format!("{key}.{kind}");
+    let value = string(errs, &skey, v)?;
+    let source = match kind.as_str() {
+        "file" if value.starts_with('/') => SecretSource::File(PathBuf::from(value)),
+        "file" => {
+            errs.push(skey, "must be an absolute path");
+            return None;
+        }
+        "credential" if is_name(&value) => SecretSource::Credential(value),
+        "credential" => {
+            errs.push(skey, "a credential name uses letters, digits, '-', '_' and '.'");
+            return None;
+        }
+        "env" => SecretSource::Env(value),
+        _ => {
+            errs.push(skey, "unknown key; use file, credential or env");
+            return None;
+        }
+    };
+    Secret::load(source, env).map_err(|e| errs.push(key, e.to_string())).ok()
+}
+
+fn policy(
+    errs: &mut Errors,
+    prefix: &str,
+    table: &toml::Table,
+    clients: &HashSet<&str>,
+) -> Option<Policy> {
+    let before = errs.0.len();
+    let mut t = Walk::new(prefix, table);
+    let name = match t.get("name") {
+        None => {
+            errs.push(t.key("name"), "missing; every policy needs a name for the audit log");
+            None
+        }
+        Some(v) => string(errs, &t.key("name"), v),
+    };
+    let matcher = match t.get("match") {
+        None => {
+            errs.push(t.key("match"), "missing; say which callers this policy is for (or { any = true })");
+            None
+        }
+        Some(v) => as_table(errs, &t.key("match"), v).and_then(|m| matcher(errs, &t.key("match"), m)),
+    };
+    let client_list = match t.get("client") {
+        None => {
+            errs.push(t.key("client"), "missing; name the client (or clients) this policy grants");
+            None
+        }
+        Some(v) => one_or_list(errs, &t.key("client"), v, string),
+    };
+    if let Some(list) = &client_list {
+        for (i, c) in list.iter().enumerate() {
+            if !clients.contains(c.as_str()) {
+                let key = if list.len() == 1 { t.key("client") } else { format!("{}[{i}]", t.key("client")) };
+                errs.push(key, format!("no client named {c:?} in [clients]"));
+            }
+        }
+    }
+    let scopes = match t.get("scopes") {
+        None => {
+            errs.push(t.key("scopes"), "missing; list the scopes this policy allows");
+            None
+        }
+        Some(v) => one_or_list(errs, &t.key("scopes"), v, |errs, key, v| {
+            let s = string(errs, key, v)?;
+            let p = ScopePattern::parse(&s);
+            if p.is_none() {
+                errs.push(key, format!("{s:?} is not a scope (RFC 6749 scope-token), optionally ending in '*'"));
+            }
+            p
+        }),
+    };
+    t.finish(errs);
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(Policy {
+        name: name?,
+        matcher: matcher?,
+        clients: client_list?,
+        scopes: scopes?,
+    })
+}
+
+fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Matcher> {
+    if table.is_empty() {
+        errs.push(prefix, "an empty match would match every caller; write { any = true } if you mean that");
+        return None;
+    }
+    let before = errs.0.len();
+    let mut t = Walk::new(prefix, table);
+    let mut m = Matcher::default();
+    match t.get("any") {
+        None => {}
+        Some(Value::Boolean(true)) if table.len() == 1 => m.any = true,
+        Some(Value::Boolean(true)) => errs.push(t.key("any"), "any = true matches every caller; remove the other keys"),
+        Some(_) => errs.push(t.key("any"), "only `any = true` is meaningful"),
+    }
+    m.uid = t.get("uid").and_then(|v| one_or_list(errs, &t.key("uid"), v, id));
+    m.gid = t.get("gid").and_then(|v| one_or_list(errs, &t.key("gid"), v, id));
+    m.user = t.get("user").and_then(|v| one_or_list(errs, &t.key("user"), v, string));
+    m.group = t.get("group").and_then(|v| one_or_list(errs, &t.key("group"), v, string));
+    m.unit = t.get("unit").and_then(|v| one_or_list(errs, &t.key("unit"), v, string));
+    m.exe = t.get("exe").and_then(|v| {
+        one_or_list(errs, &t.key("exe"), v, |errs, key, v| {
+            let s = string(errs, key, v)?;
+            if s.starts_with('/') {
+                Some(PathBuf::from(s))
+            } else {
+                errs.push(key, format!("{s:?} is not an absolute path"));
+                None
+            }
+        })
+    });
+    t.finish(errs);
+    (errs.0.len() == before).then_some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let secret = dir.path().join("idp.secret");
+            std::fs::write(&secret, "s3cr3t-value\n").unwrap();
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+            Self { dir }
+        }
+
+        fn secret_path(&self) -> String {
+            self.dir.path().join("idp.secret").display().to_string()
+        }
+
+        fn parse(&self, text: &str) -> Result<Config, ConfigErrors> {
+            let text = text.replace("SECRET_FILE", &self.secret_path());
+            Config::parse(&text, &SecretEnv { credentials_dir: None, var: &|_| None })
+        }
+    }
+
+    const GOOD: &str = r#"
+version = 1
+[daemon]
+socket = "/tmp/x.sock"
+socket_mode = "0660"
+[clients.idp]
+token_url = "http://127.0.0.1:9/token"
+client_id = "broker"
+client_secret = { file = "SECRET_FILE" }
+extra_params = { audience = "https://api.example" }
+[[policy]]
+name = "billing"
+match = { user = "billing", exe = ["/usr/bin/a", "/usr/bin/b"] }
+client = "idp"
+scopes = ["scim:read", "internal_*"]
+"#;
+
+    #[test]
+    fn a_good_config_validates() {
+        let f = Fixture::new();
+        let c = f.parse(GOOD).unwrap();
+        assert_eq!(c.daemon.socket_mode, 0o660);
+        let idp = &c.clients["idp"];
+        assert_eq!(idp.secret.expose(), "s3cr3t-value");
+        assert_eq!(idp.auth_method, AuthMethod::ClientSecretBasic);
+        assert_eq!(idp.timeout, Duration::from_secs(10));
+        assert_eq!(c.policies.policies()[0].matcher.exe.as_ref().unwrap().len(), 2);
+        let summary = c.summary();
+        assert!(summary.contains("client_id=broker"), "{summary}");
+        assert!(!summary.contains("s3cr3t"), "{summary}");
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_its_key_path() {
+        let f = Fixture::new();
+        let bad = r#"
+version = 1
+colour = "blue"
+[daemon]
+socket_mode = "rw"
+[clients.idp]
+token_url = "http://idp.example.com/token"
+client_id = "broker"
+client_secret = "literal-secret-value"
+timeout = "soon"
+[[policy]]
+name = "p"
+match = {}
+client = "nope"
+scopes = ["a b"]
+"#;
+        let errs = f.parse(bad).unwrap_err();
+        let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        for want in [
+            "colour",
+            "daemon.socket_mode",
+            "clients.idp.token_url",
+            "clients.idp.client_secret",
+            "clients.idp.timeout",
+            "policy[0].match",
+            "policy[0].client",
+            "policy[0].scopes[0]",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {errs}");
+        }
+        assert!(!errs.to_string().contains("literal-secret-value"), "{errs}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_place_but_not_the_line() {
+        let f = Fixture::new();
+        let errs = f.parse("version = 1\nclient_secret = \"oops-secret\n").unwrap_err();
+        let msg = errs.to_string();
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(!msg.contains("oops-secret"), "{msg}");
+    }
+
+    #[test]
+    fn version_is_required() {
+        let f = Fixture::new();
+        let errs = f.parse(&GOOD.replace("version = 1", "")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "version");
+        let errs = f.parse(&GOOD.replace("version = 1", "version = 2")).unwrap_err();
+        assert!(errs.errors[0].message.contains("unsupported version 2"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn any_must_be_written_on_purpose() {
+        let f = Fixture::new();
+        let c = f.parse(&GOOD.replace("{ user = \"billing\", exe = [\"/usr/bin/a\", \"/usr/bin/b\"] }", "{ any = true }"));
+        assert!(c.unwrap().policies.policies()[0].matcher.any);
+        let errs = f
+            .parse(&GOOD.replace("{ user = \"billing\",", "{ any = true, user = \"billing\","))
+            .unwrap_err();
+        assert_eq!(errs.errors[0].key, "policy[0].match.any");
+    }
+}

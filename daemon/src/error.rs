@@ -1,0 +1,75 @@
+//! The daemon's request errors and their one mapping to gRPC status codes (DESIGN.md's table).
+//!
+//! Messages are stable and safe to show to the caller: they say what was refused and what to do, never a
+//! secret, a token, or the IdP's own prose (that goes to the log).
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+use crate::peer::PeerError;
+use crate::policy::Refusal;
+use crate::scope::ScopeError;
+use crate::upstream::UpstreamError;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller's identity could not be established.
+    #[error("cannot identify the caller: {0}")]
+    Unauthenticated(#[source] PeerError),
+    /// The scopes are malformed.
+    #[error("invalid scopes: {0}")]
+    Scopes(#[source] ScopeError),
+    /// Another malformed request field.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The policy refused the request (or it named no usable client).
+    #[error("{0}")]
+    Refused(#[source] Refusal),
+    /// The IdP gave no token.
+    #[error("client {client:?}: {source}")]
+    Upstream {
+        /// The client.
+        client: String,
+        /// What went wrong.
+        #[source]
+        source: UpstreamError,
+    },
+    /// The IdP's tokens live shorter than the caller's `min_ttl_seconds`.
+    #[error(
+        "client {client:?} issues tokens valid for {}s, less than the requested min_ttl_seconds={}",
+        .lifetime.as_secs(), .min_ttl.as_secs()
+    )]
+    LifetimeTooShort {
+        /// The client.
+        client: String,
+        /// The lifetime the IdP grants.
+        lifetime: Duration,
+        /// What the caller asked for.
+        min_ttl: Duration,
+    },
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Scopes(_) | Error::InvalidRequest(_) | Error::LifetimeTooShort { .. } => Code::InvalidArgument,
+            Error::Refused(r) if r.is_denial() => Code::PermissionDenied,
+            Error::Refused(_) => Code::InvalidArgument,
+            Error::Upstream { source, .. } if source.is_transient() => Code::Unavailable,
+            Error::Upstream { .. } => Code::FailedPrecondition,
+        };
+        let message = match &e {
+            Error::Upstream { source, .. } if source.is_transient() => {
+                format!("{e}; no valid cached token; worth retrying")
+            }
+            Error::Upstream { .. } => {
+                format!("{e}; an operator must fix the client's IdP registration or configuration")
+            }
+            _ => e.to_string(),
+        };
+        Status::new(code, message)
+    }
+}

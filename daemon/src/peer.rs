@@ -1,0 +1,279 @@
+//! Who is calling: the identity of a Unix socket peer, as the kernel reports it.
+//!
+//! At accept time the daemon records what the kernel captured when the peer connected: uid, gid and pid
+//! (`SO_PEERCRED`), supplementary groups (`SO_PEERGROUPS`) and a pidfd (`SO_PEERPIDFD`) for that very
+//! process. On the first call the rest is read from `/proc/<pid>` (executable, systemd unit) and NSS (names);
+//! on every call the pidfd is checked, so a peer that has exited — and whose pid may now belong to another
+//! process — is refused instead of being judged by the newcomer's `/proc` entries.
+//!
+//! Nothing the caller sends is part of its identity.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixStream;
+
+use crate::sys;
+
+/// What the kernel told us about a peer when it connected.
+pub struct PeerCred {
+    /// Effective uid at `connect(2)`.
+    pub uid: u32,
+    /// Effective gid at `connect(2)`.
+    pub gid: u32,
+    /// Pid in the daemon's PID namespace; `None` when the peer is not visible there.
+    pub pid: Option<i32>,
+    /// Supplementary groups at `connect(2)`.
+    pub groups: Vec<u32>,
+    /// A pidfd for the peer process, which outlives any reuse of its pid.
+    pidfd: Option<OwnedFd>,
+}
+
+impl fmt::Debug for PeerCred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerCred")
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("pid", &self.pid)
+            .field("groups", &self.groups)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a peer's identity could not be established. Each refuses the call with `UNAUTHENTICATED`.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// `SO_PEERCRED` failed.
+    #[error("the kernel did not report the peer's credentials: {0}")]
+    Credentials(#[source] io::Error),
+    /// The peer lives in a PID namespace the daemon cannot see into.
+    #[error("the peer's process is not visible to the daemon (another PID namespace?)")]
+    PidNotVisible,
+    /// Neither `SO_PEERPIDFD` nor `pidfd_open` gave a handle on the peer process.
+    #[error("could not pin the peer process (pid {pid}): {source}")]
+    Pidfd {
+        /// The peer's pid.
+        pid: i32,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer exited (its pid may already name another process).
+    #[error("the calling process (pid {pid}) has exited")]
+    Exited {
+        /// The peer's pid.
+        pid: i32,
+    },
+    /// `/proc/<pid>` could not be read.
+    #[error("could not read /proc/{pid}: {source}")]
+    Proc {
+        /// The peer's pid.
+        pid: i32,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl PeerCred {
+    /// Reads the peer's credentials from a freshly accepted connection.
+    ///
+    /// # Errors
+    /// [`PeerError`] when the kernel does not report them, or reports no pid, or the process cannot be pinned.
+    pub fn from_stream(stream: &UnixStream) -> Result<Self, PeerError> {
+        let cred = stream.peer_cred().map_err(PeerError::Credentials)?;
+        let pid = cred.pid().filter(|&p| p > 0);
+        let groups = sys::peer_groups(stream.as_fd()).map_err(PeerError::Credentials)?;
+        let pidfd = match pid {
+            None => None,
+            Some(pid) => Some(match sys::peer_pidfd(stream.as_fd()) {
+                Ok(fd) => fd,
+                // Kernels before 6.5: pin the pid now, as close to connect() as we can get.
+                Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                    sys::pidfd_open(pid).map_err(|source| PeerError::Pidfd { pid, source })?
+                }
+                Err(source) => return Err(PeerError::Pidfd { pid, source }),
+            }),
+        };
+        Ok(Self {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid,
+            groups,
+            pidfd,
+        })
+    }
+
+    /// Fails unless the peer process is still the one that connected.
+    ///
+    /// # Errors
+    /// [`PeerError::PidNotVisible`] or [`PeerError::Exited`].
+    pub fn ensure_alive(&self) -> Result<i32, PeerError> {
+        let (Some(pid), Some(pidfd)) = (self.pid, &self.pidfd) else {
+            return Err(PeerError::PidNotVisible);
+        };
+        match sys::pidfd_exited(pidfd.as_fd()) {
+            Ok(false) => Ok(pid),
+            Ok(true) => Err(PeerError::Exited { pid }),
+            Err(source) => Err(PeerError::Pidfd { pid, source }),
+        }
+    }
+
+    /// Completes the identity from `/proc` and NSS. Blocking: call it off the async workers.
+    ///
+    /// `proc_root` is `/proc` outside tests.
+    ///
+    /// # Errors
+    /// [`PeerError`] when the peer is not visible, has exited, or `/proc/<pid>` cannot be read.
+    pub fn identify(&self, proc_root: &Path) -> Result<Caller, PeerError> {
+        let pid = self.ensure_alive()?;
+        let dir = proc_root.join(pid.to_string());
+        // The executable cannot be read when the daemon lacks ptrace access to the peer (a non-root daemon and
+        // a peer of another user): policies that name `exe` then do not match it.
+        let exe = std::fs::read_link(dir.join("exe")).ok();
+        let cgroup = std::fs::read_to_string(dir.join("cgroup"))
+            .map_err(|source| PeerError::Proc { pid, source })?;
+        // Whatever we read belongs to the peer only if it is still alive now: a pid is not reused before its
+        // process has exited, and the pidfd says whether it has.
+        self.ensure_alive()?;
+
+        let mut gids = Vec::with_capacity(self.groups.len() + 1);
+        gids.push(self.gid);
+        gids.extend(self.groups.iter().copied().filter(|&g| g != self.gid));
+        let groups = gids
+            .iter()
+            .map(|&g| sys::group_name(g).unwrap_or_else(|| g.to_string()))
+            .collect();
+        Ok(Caller {
+            uid: self.uid,
+            gid: self.gid,
+            pid,
+            user: sys::user_name(self.uid),
+            gids,
+            groups,
+            exe,
+            unit: unit_from_cgroup(&cgroup),
+        })
+    }
+}
+
+/// A caller as the daemon sees it: what policies match on, what WhoAmI reports and what the audit log names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Effective uid when it connected.
+    pub uid: u32,
+    /// Effective gid when it connected.
+    pub gid: u32,
+    /// Process id.
+    pub pid: i32,
+    /// The uid's user name, if NSS knows one.
+    pub user: Option<String>,
+    /// Primary gid first, then supplementary gids.
+    pub gids: Vec<u32>,
+    /// Names of `gids`, in the same order (the number where a group has no name).
+    pub groups: Vec<String>,
+    /// `/proc/<pid>/exe`, if readable.
+    pub exe: Option<PathBuf>,
+    /// The systemd unit the process runs in, if any.
+    pub unit: Option<String>,
+}
+
+impl fmt::Display for Caller {
+    /// A short description for error messages and logs: `uid=1000(alice) pid=42 exe=/usr/bin/x unit=x.service`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid={}", self.uid)?;
+        if let Some(user) = &self.user {
+            write!(f, "({user})")?;
+        }
+        write!(f, " gid={} pid={}", self.gid, self.pid)?;
+        match &self.exe {
+            Some(exe) => write!(f, " exe={}", exe.display())?,
+            None => write!(f, " exe=?")?,
+        }
+        if let Some(unit) = &self.unit {
+            write!(f, " unit={unit}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The systemd unit named by a `/proc/<pid>/cgroup` file: the first path component below the slices,
+/// e.g. `billing.service` for `0::/system.slice/billing.service`, `session-3.scope` for a login session.
+/// Uses the unified (v2) hierarchy, else the `name=systemd` one of a hybrid set-up.
+pub fn unit_from_cgroup(content: &str) -> Option<String> {
+    let path_of = |prefix: &str| {
+        content
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix))
+            .filter(|path| *path != "/")
+    };
+    let path = path_of("0::").or_else(|| {
+        content.lines().find_map(|line| {
+            let (_, rest) = line.split_once(':')?;
+            rest.strip_prefix("name=systemd:")
+        })
+    })?;
+    path.split('/')
+        .filter(|c| !c.is_empty())
+        .find(|c| !c.ends_with(".slice"))
+        .filter(|c| is_unit_name(c))
+        .map(str::to_owned)
+}
+
+fn is_unit_name(component: &str) -> bool {
+    const SUFFIXES: [&str; 4] = [".service", ".scope", ".socket", ".mount"];
+    SUFFIXES
+        .iter()
+        .any(|s| component.len() > s.len() && component.ends_with(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_of_a_system_service() {
+        assert_eq!(
+            unit_from_cgroup("0::/system.slice/billing-sync.service\n").as_deref(),
+            Some("billing-sync.service")
+        );
+    }
+
+    #[test]
+    fn unit_of_a_login_session_and_user_manager() {
+        assert_eq!(
+            unit_from_cgroup("0::/user.slice/user-1000.slice/session-3.scope\n").as_deref(),
+            Some("session-3.scope")
+        );
+        assert_eq!(
+            unit_from_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\n")
+                .as_deref(),
+            Some("user@1000.service")
+        );
+    }
+
+    #[test]
+    fn unit_from_a_hybrid_hierarchy() {
+        let hybrid = "12:memory:/x\n1:name=systemd:/system.slice/cron.service\n0::/\n";
+        assert_eq!(unit_from_cgroup(hybrid).as_deref(), Some("cron.service"));
+    }
+
+    #[test]
+    fn no_unit_outside_systemd() {
+        assert_eq!(unit_from_cgroup("0::/\n"), None);
+        assert_eq!(unit_from_cgroup("0::/docker/abc123\n"), None);
+        assert_eq!(unit_from_cgroup(""), None);
+    }
+
+    #[tokio::test]
+    async fn identifies_this_process_over_a_socketpair() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let cred = PeerCred::from_stream(&a).unwrap();
+        let caller = cred.identify(Path::new("/proc")).unwrap();
+        assert_eq!(caller.pid, std::process::id() as i32);
+        assert_eq!(caller.exe, Some(std::env::current_exe().unwrap()));
+        assert_eq!(caller.gids[0], caller.gid);
+    }
+}

@@ -1,0 +1,359 @@
+//! Which caller may have which scopes of which client.
+//!
+//! Deny by default. A request is allowed when every requested scope is allowed by some policy that matches
+//! the caller and names the client. A policy matches when every `match` key it gives matches (each key
+//! takes one value or a list of alternatives); `match = { any = true }` matches every caller.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::peer::Caller;
+use crate::scope::{ScopePattern, ScopeSet};
+
+/// One `[[policy]]` of the config.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Its name, shown in the audit log.
+    pub name: String,
+    /// Which callers it applies to.
+    pub matcher: Matcher,
+    /// The clients it lets those callers use.
+    pub clients: Vec<String>,
+    /// The scopes it allows on those clients.
+    pub scopes: Vec<ScopePattern>,
+}
+
+/// The `match` table of a policy: all given keys must match; each key matches if any of its values does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Matcher {
+    /// `any = true`: every caller. Exclusive with the other keys.
+    pub any: bool,
+    /// Uids.
+    pub uid: Option<Vec<u32>>,
+    /// User names.
+    pub user: Option<Vec<String>>,
+    /// Gids, primary or supplementary.
+    pub gid: Option<Vec<u32>>,
+    /// Group names, primary or supplementary.
+    pub group: Option<Vec<String>>,
+    /// Absolute executable paths.
+    pub exe: Option<Vec<PathBuf>>,
+    /// Systemd units.
+    pub unit: Option<Vec<String>>,
+}
+
+impl Matcher {
+    /// Whether the caller matches.
+    pub fn matches(&self, caller: &Caller) -> bool {
+        if self.any {
+            return true;
+        }
+        fn key<T>(want: &Option<Vec<T>>, has: impl Fn(&T) -> bool) -> bool {
+            want.as_ref().is_none_or(|alts| alts.iter().any(has))
+        }
+        key(&self.uid, |u| *u == caller.uid)
+            && key(&self.user, |u| caller.user.as_deref() == Some(u.as_str()))
+            && key(&self.gid, |g| caller.gids.contains(g))
+            && key(&self.group, |g| caller.groups.contains(g))
+            && key(&self.exe, |e| caller.exe.as_ref() == Some(e))
+            && key(&self.unit, |u| caller.unit.as_deref() == Some(u.as_str()))
+    }
+}
+
+impl Policy {
+    fn names(&self, client: &str) -> bool {
+        self.clients.iter().any(|c| c == client)
+    }
+
+    fn allows(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|p| p.allows(scope))
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The request named a client the config does not have.
+    #[error("unknown client {0:?}")]
+    UnknownClient(String),
+    /// The request named no client and the caller's policies name several.
+    #[error("the caller's policies name several clients ({}); choose one with `client`", .0.join(", "))]
+    AmbiguousClient(Vec<String>),
+    /// No policy matches the caller at all.
+    #[error("no policy matches {caller}")]
+    NoPolicy {
+        /// How the daemon saw the caller.
+        caller: String,
+    },
+    /// Policies match the caller, but none names this client.
+    #[error("no policy lets {caller} use client {client:?}")]
+    ClientNotAllowed {
+        /// The client.
+        client: String,
+        /// How the daemon saw the caller.
+        caller: String,
+    },
+    /// A scope no matching policy allows on this client.
+    #[error("scope {scope:?} of client {client:?} is not allowed for {caller}")]
+    ScopeNotAllowed {
+        /// The refused scope.
+        scope: String,
+        /// The client.
+        client: String,
+        /// How the daemon saw the caller.
+        caller: String,
+    },
+}
+
+impl Refusal {
+    /// Whether the refusal is about the caller's rights (`PERMISSION_DENIED`) rather than the request's shape
+    /// (`INVALID_ARGUMENT`).
+    pub fn is_denial(&self) -> bool {
+        !matches!(self, Self::UnknownClient(_) | Self::AmbiguousClient(_))
+    }
+}
+
+/// An allowed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    /// The client to fetch from.
+    pub client: String,
+    /// The names of the policies that allowed at least one of the scopes.
+    pub policies: Vec<String>,
+}
+
+/// The policies of a config, in order.
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    /// Wraps validated policies.
+    pub fn new(policies: Vec<Policy>) -> Self {
+        Self { policies }
+    }
+
+    /// The policies.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Decides a request. `client` is the requested client name, empty for "the only one my policies name";
+    /// `is_client` says whether a name is configured.
+    ///
+    /// # Errors
+    /// A [`Refusal`] saying what was refused and how the caller was seen.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        client: &str,
+        scopes: &ScopeSet,
+        is_client: impl Fn(&str) -> bool,
+    ) -> Result<Allowed, Refusal> {
+        if !client.is_empty() && !is_client(client) {
+            return Err(Refusal::UnknownClient(client.to_owned()));
+        }
+        let matching: Vec<&Policy> = self.policies.iter().filter(|p| p.matcher.matches(caller)).collect();
+        if matching.is_empty() {
+            return Err(Refusal::NoPolicy {
+                caller: caller.to_string(),
+            });
+        }
+        let client = if client.is_empty() {
+            let mut named: Vec<String> = matching.iter().flat_map(|p| p.clients.iter().cloned()).collect();
+            named.sort_unstable();
+            named.dedup();
+            match named.len() {
+                1 => named.remove(0),
+                _ => return Err(Refusal::AmbiguousClient(named)),
+            }
+        } else {
+            client.to_owned()
+        };
+        let for_client: Vec<&Policy> = matching.into_iter().filter(|p| p.names(&client)).collect();
+        if for_client.is_empty() {
+            return Err(Refusal::ClientNotAllowed {
+                client,
+                caller: caller.to_string(),
+            });
+        }
+        let mut policies = Vec::new();
+        for scope in scopes.iter() {
+            let Some(p) = for_client.iter().find(|p| p.allows(scope)) else {
+                return Err(Refusal::ScopeNotAllowed {
+                    scope: scope.to_owned(),
+                    client,
+                    caller: caller.to_string(),
+                });
+            };
+            if !policies.contains(&p.name) {
+                policies.push(p.name.clone());
+            }
+        }
+        Ok(Allowed { client, policies })
+    }
+
+    /// What the caller may request: for each client its matching policies name, the allowed scope patterns.
+    pub fn grants(&self, caller: &Caller) -> BTreeMap<String, Vec<String>> {
+        let mut grants: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for p in self.policies.iter().filter(|p| p.matcher.matches(caller)) {
+            for client in &p.clients {
+                let scopes = grants.entry(client.clone()).or_default();
+                for s in &p.scopes {
+                    let s = s.to_string();
+                    if !scopes.contains(&s) {
+                        scopes.push(s);
+                    }
+                }
+            }
+        }
+        grants
+    }
+}
+
+impl fmt::Display for Matcher {
+    /// The `match` table as it would be written in TOML, for `check-config`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.any {
+            return f.write_str("{ any = true }");
+        }
+        let mut parts = Vec::new();
+        fn list<T: fmt::Debug>(parts: &mut Vec<String>, key: &str, v: &Option<Vec<T>>) {
+            match v.as_deref() {
+                Some([one]) => parts.push(format!("{key} = {one:?}")),
+                Some(many) => parts.push(format!("{key} = {many:?}")),
+                None => {}
+            }
+        }
+        list(&mut parts, "uid", &self.uid);
+        list(&mut parts, "user", &self.user);
+        list(&mut parts, "gid", &self.gid);
+        list(&mut parts, "group", &self.group);
+        list(&mut parts, "exe", &self.exe);
+        list(&mut parts, "unit", &self.unit);
+        write!(f, "{{ {} }}", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(uid: u32, user: &str, groups: &[(u32, &str)], exe: &str) -> Caller {
+        Caller {
+            uid,
+            gid: groups[0].0,
+            pid: 4242,
+            user: Some(user.to_owned()),
+            gids: groups.iter().map(|g| g.0).collect(),
+            groups: groups.iter().map(|g| g.1.to_owned()).collect(),
+            exe: Some(PathBuf::from(exe)),
+            unit: Some("billing.service".to_owned()),
+        }
+    }
+
+    fn policy(name: &str, matcher: Matcher, clients: &[&str], scopes: &[&str]) -> Policy {
+        Policy {
+            name: name.to_owned(),
+            matcher,
+            clients: clients.iter().map(|c| (*c).to_owned()).collect(),
+            scopes: scopes.iter().map(|s| ScopePattern::parse(s).unwrap()).collect(),
+        }
+    }
+
+    fn set(s: &[&str]) -> ScopeSet {
+        ScopeSet::parse(s).unwrap()
+    }
+
+    fn known(c: &str) -> bool {
+        ["idp", "other"].contains(&c)
+    }
+
+    #[test]
+    fn all_match_keys_must_match() {
+        let billing = caller(1001, "billing", &[(1001, "billing"), (50, "staff")], "/usr/local/bin/sync");
+        let m = Matcher {
+            user: Some(vec!["billing".into()]),
+            exe: Some(vec!["/usr/local/bin/sync".into()]),
+            ..Matcher::default()
+        };
+        assert!(m.matches(&billing));
+        let m2 = Matcher {
+            exe: Some(vec!["/usr/bin/other".into()]),
+            ..m.clone()
+        };
+        assert!(!m2.matches(&billing));
+        let by_group = Matcher {
+            group: Some(vec!["wheel".into(), "staff".into()]),
+            unit: Some(vec!["billing.service".into()]),
+            ..Matcher::default()
+        };
+        assert!(by_group.matches(&billing));
+        let by_gid = Matcher {
+            gid: Some(vec![50]),
+            uid: Some(vec![0]),
+            ..Matcher::default()
+        };
+        assert!(!by_gid.matches(&billing));
+    }
+
+    #[test]
+    fn deny_by_default_and_union_over_policies() {
+        let c = caller(1001, "billing", &[(1001, "billing")], "/bin/x");
+        let by_user = |u: &str| Matcher {
+            user: Some(vec![u.into()]),
+            ..Matcher::default()
+        };
+        let ps = PolicySet::new(vec![
+            policy("read", by_user("billing"), &["idp"], &["scim:read"]),
+            policy("mgt", by_user("billing"), &["idp"], &["internal_user_mgt_*"]),
+            policy("someone-else", by_user("ops"), &["idp"], &["scim:write"]),
+        ]);
+        let ok = ps
+            .authorize(&c, "", &set(&["scim:read", "internal_user_mgt_view"]), known)
+            .unwrap();
+        assert_eq!(ok.client, "idp");
+        assert_eq!(ok.policies, ["mgt", "read"]);
+        let err = ps
+            .authorize(&c, "idp", &set(&["scim:read", "scim:write"]), known)
+            .unwrap_err();
+        assert!(matches!(&err, Refusal::ScopeNotAllowed { scope, .. } if scope == "scim:write"));
+        assert!(err.to_string().contains("uid=1001(billing)"), "{err}");
+        let stranger = caller(1002, "eve", &[(1002, "eve")], "/bin/x");
+        assert!(matches!(
+            ps.authorize(&stranger, "", &set(&["scim:read"]), known),
+            Err(Refusal::NoPolicy { .. })
+        ));
+    }
+
+    #[test]
+    fn client_selection() {
+        let c = caller(0, "root", &[(0, "root")], "/bin/x");
+        let any = Matcher {
+            any: true,
+            ..Matcher::default()
+        };
+        let ps = PolicySet::new(vec![
+            policy("a", any.clone(), &["idp"], &["x"]),
+            policy("b", any, &["other"], &["y"]),
+        ]);
+        assert_eq!(
+            ps.authorize(&c, "", &set(&["x"]), known),
+            Err(Refusal::AmbiguousClient(vec!["idp".into(), "other".into()]))
+        );
+        assert_eq!(
+            ps.authorize(&c, "nope", &set(&["x"]), known),
+            Err(Refusal::UnknownClient("nope".into()))
+        );
+        assert!(matches!(
+            ps.authorize(&c, "other", &set(&["x"]), known),
+            Err(Refusal::ScopeNotAllowed { .. })
+        ));
+        assert_eq!(ps.authorize(&c, "other", &set(&["y"]), known).unwrap().client, "other");
+        let grants = ps.grants(&c);
+        assert_eq!(grants["idp"], ["x"]);
+        assert_eq!(grants["other"], ["y"]);
+    }
+}

@@ -1,0 +1,261 @@
+//! Client secrets: where they come from (a file, a systemd credential, an environment variable), how they are
+//! read and checked, and the type that holds them.
+//!
+//! # Security
+//! A secret is read into a [`SecretString`] (zeroized on drop) and stays there until the upstream request is
+//! built. [`Secret`]'s `Debug` prints the source, never the value. Files readable by every user are refused:
+//! a secret anyone can read is no secret.
+
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+/// Largest secret file accepted, in bytes.
+pub const MAX_SECRET_LEN: u64 = 64 * 1024;
+
+/// Where a secret is read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file (`{ file = "/etc/credbroker/x.secret" }`).
+    File(PathBuf),
+    /// A systemd credential in `$CREDENTIALS_DIRECTORY` (`{ credential = "x" }`, from `LoadCredential=`).
+    Credential(String),
+    /// An environment variable of the daemon (`{ env = "VAR" }`).
+    Env(String),
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "file {}", p.display()),
+            Self::Credential(c) => write!(f, "systemd credential {c}"),
+            Self::Env(v) => write!(f, "environment variable {v}"),
+        }
+    }
+}
+
+/// What the process environment offers secret sources, read once at the edge (so tests need no `set_var`).
+pub struct SecretEnv<'a> {
+    /// `$CREDENTIALS_DIRECTORY`, set by systemd when the unit has `LoadCredential=`.
+    pub credentials_dir: Option<PathBuf>,
+    /// Looks up an environment variable.
+    pub var: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl SecretEnv<'_> {
+    /// The real process environment.
+    pub fn process() -> SecretEnv<'static> {
+        SecretEnv {
+            credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+            var: &|name| std::env::var(name).ok(),
+        }
+    }
+}
+
+/// Why a secret could not be loaded. Messages name the source, never the content.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file could not be opened or read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is readable by every user.
+    #[error("{path} is readable by every user (mode {mode:04o}); run: chmod o-rwx {path}")]
+    WorldReadable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Not a regular file.
+    #[error("{path} is not a regular file")]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Larger than [`MAX_SECRET_LEN`].
+    #[error("{path} is larger than {MAX_SECRET_LEN} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Empty once a trailing newline is removed.
+    #[error("{0} is empty")]
+    Empty(SecretSource),
+    /// Not UTF-8.
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(SecretSource),
+    /// `{ credential = … }` without `$CREDENTIALS_DIRECTORY`.
+    #[error(
+        "systemd credential {0:?} needs $CREDENTIALS_DIRECTORY: run under systemd with LoadCredential={0}:/path"
+    )]
+    NoCredentialsDirectory(String),
+    /// The environment variable is not set (or not UTF-8).
+    #[error("environment variable {0} is not set")]
+    EnvUnset(String),
+}
+
+/// A loaded secret and where it came from.
+pub struct Secret {
+    value: SecretString,
+    source: SecretSource,
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({}, [redacted])", self.source)
+    }
+}
+
+impl Secret {
+    /// Reads a secret from its source.
+    ///
+    /// # Errors
+    /// [`SecretError`] when the source is missing, unreadable, world-readable, empty, too large or not UTF-8.
+    pub fn load(source: SecretSource, env: &SecretEnv<'_>) -> Result<Self, SecretError> {
+        let raw: Zeroizing<String> = match &source {
+            SecretSource::File(path) => read_file(path)?,
+            SecretSource::Credential(name) => {
+                let dir = env
+                    .credentials_dir
+                    .as_ref()
+                    .ok_or_else(|| SecretError::NoCredentialsDirectory(name.clone()))?;
+                read_file(&dir.join(name))?
+            }
+            SecretSource::Env(var) => {
+                Zeroizing::new((env.var)(var).ok_or_else(|| SecretError::EnvUnset(var.clone()))?)
+            }
+        };
+        let trimmed = raw.trim_end_matches(['\n', '\r']);
+        if trimmed.is_empty() {
+            return Err(SecretError::Empty(source));
+        }
+        Ok(Self {
+            value: SecretString::from(trimmed.to_owned()),
+            source,
+        })
+    }
+
+    /// Wraps a value that is already in memory (tests, and the stand-in's quick start).
+    pub fn from_value(value: SecretString, source: SecretSource) -> Self {
+        Self { value, source }
+    }
+
+    /// The secret. Call only where it is about to be sent.
+    pub fn expose(&self) -> &str {
+        self.value.expose_secret()
+    }
+
+    /// Where it came from.
+    pub fn source(&self) -> &SecretSource {
+        &self.source
+    }
+}
+
+fn read_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
+    let read_err = |source| SecretError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(SecretError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o004 != 0 {
+        return Err(SecretError::WorldReadable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if meta.size() > MAX_SECRET_LEN {
+        return Err(SecretError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.size() as usize + 1));
+    (&mut file)
+        .take(MAX_SECRET_LEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_SECRET_LEN {
+        return Err(SecretError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    match std::str::from_utf8(&bytes) {
+        Ok(s) => Ok(Zeroizing::new(s.to_owned())),
+        Err(_) => Err(SecretError::NotUtf8(SecretSource::File(path.to_owned()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> SecretEnv<'static> {
+        SecretEnv {
+            credentials_dir: None,
+            var: &|_| None,
+        }
+    }
+
+    fn write(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_secret_is_read_and_trimmed_and_never_debug_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "s", "hunter2-very-secret\n", 0o600);
+        let s = Secret::load(SecretSource::File(p), &no_env()).unwrap();
+        assert_eq!(s.expose(), "hunter2-very-secret");
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("[redacted]"));
+    }
+
+    #[test]
+    fn world_readable_and_empty_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "s", "x", 0o644);
+        let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
+        assert!(matches!(err, SecretError::WorldReadable { mode: 0o644, .. }), "{err}");
+        let p = write(dir.path(), "e", "\n", 0o600);
+        let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
+        assert!(matches!(err, SecretError::Empty(_)), "{err}");
+    }
+
+    #[test]
+    fn credential_needs_the_directory_and_env_needs_the_variable() {
+        let err = Secret::load(SecretSource::Credential("idp".into()), &no_env()).unwrap_err();
+        assert!(matches!(err, SecretError::NoCredentialsDirectory(_)));
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "idp", "cred-secret", 0o400);
+        let env = SecretEnv {
+            credentials_dir: Some(dir.path().to_owned()),
+            var: &|v| (v == "IDP_SECRET").then(|| "env-secret".to_owned()),
+        };
+        let s = Secret::load(SecretSource::Credential("idp".into()), &env).unwrap();
+        assert_eq!(s.expose(), "cred-secret");
+        let s = Secret::load(SecretSource::Env("IDP_SECRET".into()), &env).unwrap();
+        assert_eq!(s.expose(), "env-secret");
+        let err = Secret::load(SecretSource::Env("NOPE".into()), &env).unwrap_err();
+        assert!(matches!(err, SecretError::EnvUnset(_)));
+    }
+}

@@ -1,0 +1,203 @@
+//! The `credbroker.v1.TokenBroker` service: GetToken and WhoAmI.
+//!
+//! GetToken: identify the caller (kernel credentials of the connection, pidfd-checked on every call), validate
+//! the request, decide by policy, then serve from the cache or fetch from the IdP, and audit the outcome.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use credbroker_proto::pb;
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::audit;
+use crate::cache::{CacheKey, MinTtl, TokenCache};
+use crate::config::Config;
+use crate::conn::Connection;
+use crate::error::Error;
+use crate::peer::{Caller, PeerError};
+use crate::scope::ScopeSet;
+use crate::upstream::Upstream;
+
+/// Longest `min_ttl_seconds` accepted.
+pub const MAX_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest client name accepted in a request.
+pub const MAX_CLIENT_NAME: usize = 64;
+
+/// What the service needs to answer calls.
+pub struct Broker {
+    config: Arc<Config>,
+    cache: TokenCache,
+    upstream: Upstream,
+    proc_root: Arc<Path>,
+}
+
+impl Broker {
+    /// A broker serving `config`. `proc_root` is `/proc` outside tests.
+    pub fn new(config: Arc<Config>, upstream: Upstream, cache: TokenCache, proc_root: &Path) -> Self {
+        Self {
+            config,
+            cache,
+            upstream,
+            proc_root: proc_root.into(),
+        }
+    }
+
+    async fn caller<T>(&self, request: &Request<T>) -> Result<(Arc<Connection>, Arc<Caller>), Error> {
+        let conn = request
+            .extensions()
+            .get::<Arc<Connection>>()
+            .cloned()
+            .ok_or_else(|| Error::Unauthenticated(PeerError::Credentials(std::io::Error::other("not a Unix socket peer"))))?;
+        let caller = conn.caller(&self.proc_root).await.map_err(Error::Unauthenticated)?;
+        Ok((conn, caller))
+    }
+
+    async fn token(&self, request: Request<pb::GetTokenRequest>) -> Result<pb::GetTokenResponse, Error> {
+        let (conn, caller) = match self.caller(&request).await {
+            Ok(c) => c,
+            Err(e) => {
+                let r = request.get_ref();
+                audit::denied(None, &r.client, &r.scopes, &e);
+                return Err(e);
+            }
+        };
+        let req = request.into_inner();
+        let deny = |e: Error| {
+            audit::denied(Some(&caller), &req.client, &req.scopes, &e);
+            e
+        };
+        if req.client.len() > MAX_CLIENT_NAME {
+            return Err(deny(Error::InvalidRequest(format!(
+                "client name is longer than {MAX_CLIENT_NAME} bytes"
+            ))));
+        }
+        let scopes = ScopeSet::parse(&req.scopes).map_err(|e| deny(Error::Scopes(e)))?;
+        let min_ttl = match Duration::from_secs(req.min_ttl_seconds.into()) {
+            d if d > MAX_MIN_TTL => {
+                return Err(deny(Error::InvalidRequest(format!(
+                    "min_ttl_seconds must be at most {}",
+                    MAX_MIN_TTL.as_secs()
+                ))));
+            }
+            d if d.is_zero() => MinTtl::Default(self.config.daemon.default_min_ttl),
+            d => MinTtl::Explicit(d),
+        };
+        let allowed = self
+            .config
+            .policies
+            .authorize(&caller, &req.client, &scopes, |c| self.config.clients.contains_key(c))
+            .map_err(|r| deny(Error::Refused(r)))?;
+        let client = self.config.clients[&allowed.client].clone();
+
+        let key = CacheKey {
+            client: client.name.as_str().into(),
+            scopes: scopes.clone(),
+        };
+        let (token, source) = self
+            .cache
+            .get(key, min_ttl, || self.upstream.fetch(&client, &scopes))
+            .await
+            .map_err(|source| {
+                log_upstream_failure(&client.name, &scopes, &source);
+                let e = Error::Upstream {
+                    client: client.name.clone(),
+                    source,
+                };
+                audit::failed(&caller, &client.name, &scopes, &e);
+                e
+            })?;
+        let now = Instant::now();
+        if token.remaining(now) < min_ttl.required(token.lifetime) {
+            return Err(deny(Error::LifetimeTooShort {
+                client: client.name.clone(),
+                lifetime: token.lifetime,
+                min_ttl: min_ttl.required(token.lifetime),
+            }));
+        }
+        conn.grants.record(&audit::Grant {
+            caller: &caller,
+            client: &client.name,
+            requested: &scopes,
+            granted: &token.granted,
+            policies: &allowed.policies,
+            source,
+            fingerprint: token.fingerprint,
+        });
+        Ok(pb::GetTokenResponse {
+            access_token: token.access_token.expose_secret().to_owned(),
+            token_type: token.token_type.clone(),
+            expires_at: Some(prost_types::Timestamp::from(token.expires_at_wall(now))),
+            scopes: token.granted.to_vec(),
+            client: client.name.clone(),
+        })
+    }
+
+    async fn whoami(&self, request: Request<pb::WhoAmIRequest>) -> Result<pb::WhoAmIResponse, Error> {
+        let (_, caller) = self.caller(&request).await?;
+        let grants = self
+            .config
+            .policies
+            .grants(&caller)
+            .into_iter()
+            .map(|(client, scopes)| pb::Grant { client, scopes })
+            .collect();
+        Ok(pb::WhoAmIResponse {
+            caller: Some(pb::Caller {
+                uid: caller.uid,
+                gid: caller.gid,
+                pid: caller.pid,
+                user: caller.user.clone().unwrap_or_default(),
+                groups: caller.groups.clone(),
+                exe: caller.exe.as_ref().map(|e| e.display().to_string()).unwrap_or_default(),
+                unit: caller.unit.clone().unwrap_or_default(),
+            }),
+            grants,
+        })
+    }
+}
+
+/// Operational log of an IdP failure, with the detail the caller does not get.
+fn log_upstream_failure(client: &str, scopes: &ScopeSet, e: &crate::upstream::UpstreamError) {
+    use crate::upstream::UpstreamError as U;
+    match e {
+        U::Rejected {
+            status,
+            code,
+            description,
+        } => tracing::warn!(
+            client,
+            scopes = %scopes,
+            status,
+            error = code.as_deref().unwrap_or(""),
+            description = description.as_deref().unwrap_or(""),
+            "the IdP refused the token request"
+        ),
+        U::ScopeTooWide { extra } => tracing::warn!(
+            client,
+            scopes = %scopes,
+            extra = %extra.join(" "),
+            "the IdP granted more scopes than requested; token refused (least privilege)"
+        ),
+        other => tracing::warn!(client, scopes = %scopes, error = %other, "token request failed"),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::token_broker_server::TokenBroker for Broker {
+    async fn get_token(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<Response<pb::GetTokenResponse>, Status> {
+        self.token(request).await.map(Response::new).map_err(Status::from)
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        self.whoami(request).await.map(Response::new).map_err(Status::from)
+    }
+}

@@ -1,0 +1,261 @@
+//! The few Linux system calls the standard library and tokio do not wrap: the only `unsafe` code of the
+//! daemon, kept here so it can be reviewed in one sitting.
+//!
+//! - [`make_non_dumpable`]: `PR_SET_DUMPABLE` 0 and `RLIMIT_CORE` 0, so secrets never reach a core dump and
+//!   other processes of the daemon's user cannot `ptrace` it or read its memory through `/proc`.
+//! - [`peer_pidfd`] and [`peer_groups`]: `SO_PEERPIDFD` and `SO_PEERGROUPS`, the kernel's view of a Unix socket
+//!   peer at the time it connected.
+//! - [`pidfd_exited`]: whether the process behind a pidfd has exited, which makes PID reuse harmless.
+//! - [`user_name`], [`group_name`], [`group_id`]: NSS look-ups (`getpwuid_r`, `getgrgid_r`, `getgrnam_r`), so
+//!   users from LDAP or sssd are named like local ones.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+// The socket option numbers of the asm-generic ABI (x86, x86_64, arm, aarch64, riscv, loongarch). The few
+// architectures with their own numbering are not supported.
+#[cfg(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc",
+    target_arch = "sparc64",
+    target_arch = "powerpc",
+    target_arch = "powerpc64"
+))]
+compile_error!("SO_PEERGROUPS/SO_PEERPIDFD numbers differ on this architecture");
+const SO_PEERGROUPS: libc::c_int = 59;
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// Makes the process non-dumpable and disables core files.
+///
+/// # Errors
+/// Fails when the kernel refuses either setting, or when `PR_GET_DUMPABLE` does not read back 0; the daemon
+/// must not read any secret then.
+pub fn make_non_dumpable() -> io::Result<()> {
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes plain integers and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; PR_GET_DUMPABLE returns the flag.
+    match unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } {
+        0 => Ok(()),
+        -1 => Err(io::Error::last_os_error()),
+        other => Err(io::Error::other(format!(
+            "PR_GET_DUMPABLE reads {other} after PR_SET_DUMPABLE 0"
+        ))),
+    }
+}
+
+/// A pidfd for the process that connected a Unix stream socket (`SO_PEERPIDFD`, Linux 6.5+).
+///
+/// Unlike the pid of `SO_PEERCRED`, the pidfd keeps referring to that very process: once it exits, the pidfd
+/// says so, even when the pid has been handed to another process.
+///
+/// # Errors
+/// The kernel's error, e.g. `ENOPROTOOPT` on kernels before 6.5.
+pub fn peer_pidfd(socket: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`, which is a c_int we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if fd < 0 {
+        return Err(io::Error::other("SO_PEERPIDFD returned no descriptor"));
+    }
+    // SAFETY: the kernel just created this descriptor for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A pidfd for `pid` (`pidfd_open`), for kernels without `SO_PEERPIDFD`.
+///
+/// # Errors
+/// The kernel's error, e.g. `ESRCH` when the process is gone.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: the kernel just created this descriptor for us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind `pidfd` has exited: a pidfd becomes readable when its process terminates.
+///
+/// # Errors
+/// The kernel's error from `poll`.
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll reads and writes exactly one pollfd we own; timeout 0 never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0)
+}
+
+/// The supplementary groups of a Unix stream socket's peer when it connected (`SO_PEERGROUPS`, Linux 4.13+).
+///
+/// # Errors
+/// The kernel's error.
+pub fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = libc::socklen_t::try_from(std::mem::size_of_val(groups.as_slice()))
+            .map_err(io::Error::other)?;
+        // SAFETY: getsockopt writes at most `len` bytes into the vector's initialised buffer.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        // ERANGE: the buffer was too small and `len` now holds the size needed.
+        if err.raw_os_error() == Some(libc::ERANGE) && count > groups.len() && count <= 65_536 {
+            groups.resize(count, 0);
+            continue;
+        }
+        return Err(err);
+    }
+}
+
+/// The name of user `uid`, from NSS; `None` when it has none.
+pub fn user_name(uid: u32) -> Option<String> {
+    with_buffer(|buf| {
+        // SAFETY: all-zero bytes are a valid `passwd` (null pointers, zero ids); getpwuid_r overwrites it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to memory we own for the duration of the call; strings land in `buf`.
+        let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        if result.is_null() || pwd.pw_name.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+        Ok(Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned()))
+    })
+}
+
+/// The name of group `gid`, from NSS; `None` when it has none.
+pub fn group_name(gid: u32) -> Option<String> {
+    with_buffer(|buf| {
+        // SAFETY: all-zero bytes are a valid `group`; getgrgid_r overwrites it.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer refers to memory we own for the duration of the call; strings land in `buf`.
+        let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        if result.is_null() || grp.gr_name.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: on success gr_name points to a NUL-terminated string inside `buf`.
+        Ok(Some(unsafe { CStr::from_ptr(grp.gr_name) }.to_string_lossy().into_owned()))
+    })
+}
+
+/// The id of the group called `name`, from NSS; `None` when there is none.
+pub fn group_id(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    with_buffer(|buf| {
+        // SAFETY: all-zero bytes are a valid `group`; getgrnam_r overwrites it.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer refers to memory we own for the duration of the call.
+        let rc = unsafe {
+            libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+        };
+        if rc != 0 {
+            return Err(rc);
+        }
+        Ok((!result.is_null()).then_some(grp.gr_gid))
+    })
+}
+
+/// Runs an NSS `*_r` look-up with a buffer that grows on `ERANGE`; other errors read as "not found".
+fn with_buffer<T>(mut lookup: impl FnMut(&mut [libc::c_char]) -> Result<Option<T>, i32>) -> Option<T> {
+    let mut size = 1024;
+    loop {
+        let mut buf = vec![0 as libc::c_char; size];
+        match lookup(&mut buf) {
+            Ok(found) => return found,
+            Err(libc::ERANGE) if size < 1 << 20 => size *= 4,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn peer_of_a_socketpair_is_this_process() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let pidfd = peer_pidfd(a.as_fd()).unwrap();
+        assert!(!pidfd_exited(pidfd.as_fd()).unwrap());
+        let groups = peer_groups(a.as_fd()).unwrap();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+        let want: Vec<u32> = line["Groups:".len()..]
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        assert_eq!(groups, want);
+    }
+
+    #[test]
+    fn pidfd_of_an_exited_child_reports_exit() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pidfd = pidfd_open(child.id() as i32).unwrap();
+        child.wait().unwrap();
+        assert!(pidfd_exited(pidfd.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn nss_names_root() {
+        assert_eq!(user_name(0).as_deref(), Some("root"));
+        assert_eq!(group_name(0).as_deref(), Some("root"));
+        assert_eq!(group_id("root"), Some(0));
+        assert_eq!(group_id("no-such-group-credbroker"), None);
+    }
+}

@@ -1,0 +1,439 @@
+//! The IdP side: one OAuth 2.0 client-credentials request (RFC 6749 §4.4) and its response.
+//!
+//! Requests are form-encoded POSTs with `client_secret_basic` (RFC 6749 §2.3.1 encoding by default, raw when
+//! configured) or `client_secret_post`. Responses are parsed strictly when they claim success and leniently
+//! when they do not: an HTML page or an empty 403 still gives the operator a status and whatever text is safe
+//! to show. Bodies are capped at [`MAX_RESPONSE_LEN`], every request at the client's `timeout`, and redirects
+//! are never followed (a redirect would carry the credentials somewhere else).
+//!
+//! # Security
+//! The secret is exposed only while the request is built; the Basic header is marked sensitive. Nothing the
+//! IdP says is shown to callers except the OAuth error code; the description goes to the log, with the
+//! client secret scrubbed from it in case a server echoes it.
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::config::{AuthMethod, BasicEncoding, ClientConfig};
+use crate::scope::ScopeSet;
+
+/// Largest token response accepted, in bytes.
+pub const MAX_RESPONSE_LEN: usize = 64 * 1024;
+/// Longest access token accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Longest lifetime believed; longer `expires_in` values are clamped to it.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A token as the IdP issued it.
+pub struct Issued {
+    /// The access token.
+    pub access_token: SecretString,
+    /// `token_type`, as issued.
+    pub token_type: String,
+    /// `expires_in`, or the client's `default_ttl` when absent.
+    pub lifetime: Duration,
+    /// When the response arrived: the token expires `lifetime` after this.
+    pub received_at: Instant,
+    /// The scopes granted: the response's `scope`, else the requested set.
+    pub granted: ScopeSet,
+    /// Whether `expires_in` was absent and `lifetime` is the configured default.
+    pub assumed_lifetime: bool,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("access_token", &"[redacted]")
+            .field("token_type", &self.token_type)
+            .field("lifetime", &self.lifetime)
+            .field("granted", &self.granted)
+            .finish()
+    }
+}
+
+/// Why no token came back. `Display` is safe to show to callers and logs: no secret, no token, no IdP prose.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connecting or talking to the endpoint failed.
+    #[error("could not reach the token endpoint: {0}")]
+    Network(String),
+    /// No complete answer within the client's timeout.
+    #[error("the token endpoint did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// HTTP 5xx.
+    #[error("the token endpoint failed with HTTP {status}")]
+    Server {
+        /// The status code.
+        status: u16,
+    },
+    /// HTTP 429.
+    #[error("the token endpoint is rate limiting the broker (HTTP 429)")]
+    RateLimited {
+        /// `Retry-After`, if given.
+        retry_after: Option<Duration>,
+    },
+    /// HTTP 4xx (other than 429): the IdP refused the broker's credentials, the scope or the request.
+    #[error("the IdP refused the request: {} (HTTP {status})", code.as_deref().unwrap_or("no OAuth error code"))]
+    Rejected {
+        /// The status code.
+        status: u16,
+        /// The OAuth `error`, sanitised.
+        code: Option<String>,
+        /// `error_description` (or the start of a non-JSON body), sanitised: for the log only.
+        description: Option<String>,
+    },
+    /// A 2xx answer that is not a valid token response, or any other status.
+    #[error("the token endpoint's answer is not a valid token response: {0}")]
+    InvalidResponse(String),
+    /// The IdP granted scopes that were not requested.
+    #[error("the IdP granted scopes that were not requested ({}); refusing the token", .extra.join(" "))]
+    ScopeTooWide {
+        /// The scopes beyond the request.
+        extra: Vec<String>,
+    },
+}
+
+impl UpstreamError {
+    /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Network(_) | Self::Timeout(_) | Self::Server { .. } | Self::RateLimited { .. }
+        )
+    }
+}
+
+/// The HTTP client for all token endpoints.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    http: reqwest::Client,
+}
+
+impl Upstream {
+    /// Builds the client: rustls (ring) with the system's roots, no redirects, no proxy from the environment.
+    ///
+    /// # Errors
+    /// When the TLS set-up fails (e.g. no usable root certificates).
+    pub fn new() -> Result<Self, reqwest::Error> {
+        // Ignore the error: it only says a provider was installed already.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("credbroker/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .https_only(false)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Self { http })
+    }
+
+    /// Requests a token with exactly `scopes` by the client-credentials grant.
+    ///
+    /// # Errors
+    /// [`UpstreamError`]: see its variants.
+    pub async fn fetch(&self, client: &ClientConfig, scopes: &ScopeSet) -> Result<Issued, UpstreamError> {
+        let mut request = self
+            .http
+            .post(client.token_url.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, "application/json")
+            .timeout(client.timeout);
+        if client.auth_method == AuthMethod::ClientSecretBasic {
+            request = request.header(AUTHORIZATION, basic_header(client));
+        }
+        let request = request.body(form_body(client, scopes).as_bytes().to_vec());
+
+        let response = request.send().await.map_err(|e| transport_error(&e, client.timeout))?;
+        let received_at = Instant::now();
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = read_capped(response, client.timeout).await?;
+
+        if status.is_success() {
+            return parse_token(&body, &content_type, client, scopes, received_at);
+        }
+        match status.as_u16() {
+            429 => Err(UpstreamError::RateLimited { retry_after }),
+            s @ 500..=599 => Err(UpstreamError::Server { status: s }),
+            s @ 400..=499 => {
+                let (code, description) = parse_error(&body);
+                let description = description.map(|d| scrub(&d, client.secret.expose()));
+                Err(UpstreamError::Rejected {
+                    status: s,
+                    code,
+                    description,
+                })
+            }
+            s => Err(UpstreamError::InvalidResponse(format!("unexpected HTTP status {s}"))),
+        }
+    }
+}
+
+/// The form body: the grant, the scope, the client's extra parameters and, for `client_secret_post`, the
+/// credentials.
+fn form_body(client: &ClientConfig, scopes: &ScopeSet) -> Zeroizing<String> {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    form.append_pair("grant_type", "client_credentials");
+    form.append_pair("scope", &scopes.joined());
+    for (k, v) in &client.extra_params {
+        form.append_pair(k, v);
+    }
+    if client.auth_method == AuthMethod::ClientSecretPost {
+        form.append_pair("client_id", &client.client_id);
+        form.append_pair("client_secret", client.secret.expose());
+    }
+    Zeroizing::new(form.finish())
+}
+
+fn basic_header(client: &ClientConfig) -> HeaderValue {
+    let secret = client.secret.expose();
+    let pair: Zeroizing<String> = Zeroizing::new(match client.basic_encoding {
+        BasicEncoding::Form => format!("{}:{}", form_encode(&client.client_id).as_str(), form_encode(secret).as_str()),
+        BasicEncoding::Raw => format!("{}:{secret}", client.client_id),
+    });
+    let value = Zeroizing::new(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
+    ));
+    let mut header = HeaderValue::from_str(&value).expect("base64 is a valid header value");
+    header.set_sensitive(true);
+    header
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value (RFC 6749 §2.3.1, Appendix B).
+fn form_encode(s: &str) -> Zeroizing<String> {
+    Zeroizing::new(form_urlencoded::byte_serialize(s.as_bytes()).collect())
+}
+
+fn transport_error(e: &reqwest::Error, timeout: Duration) -> UpstreamError {
+    if e.is_timeout() {
+        return UpstreamError::Timeout(timeout);
+    }
+    // The innermost cause says what happened ("connection refused", "dns error", a TLS alert); reqwest's own
+    // text carries only the URL, which is no secret.
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    UpstreamError::Network(cause.to_string())
+}
+
+async fn read_capped(
+    mut response: reqwest::Response,
+    timeout: Duration,
+) -> Result<Zeroizing<Vec<u8>>, UpstreamError> {
+    let mut body = Zeroizing::new(Vec::new());
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_RESPONSE_LEN {
+                    return Err(UpstreamError::InvalidResponse(format!(
+                        "the body is larger than {MAX_RESPONSE_LEN} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => return Err(transport_error(&e, timeout)),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawToken {
+    access_token: Option<SecretString>,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    scope: Option<String>,
+}
+
+fn parse_token(
+    body: &[u8],
+    content_type: &str,
+    client: &ClientConfig,
+    requested: &ScopeSet,
+    received_at: Instant,
+) -> Result<Issued, UpstreamError> {
+    let raw: RawToken = serde_json::from_slice(body).map_err(|e| {
+        // serde_json's message may quote a value: report where it broke, not what was there.
+        let what = if body.first().is_some_and(|b| *b == b'<') || content_type.contains("html") {
+            "an HTML page, not JSON".to_owned()
+        } else {
+            format!("not a JSON token response ({:?} error at line {}, column {})", e.classify(), e.line(), e.column())
+        };
+        UpstreamError::InvalidResponse(format!("{what} (content-type {content_type:?})"))
+    })?;
+    let access_token = raw
+        .access_token
+        .ok_or_else(|| UpstreamError::InvalidResponse("no access_token".to_owned()))?;
+    let token = access_token.expose_secret();
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN || !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(UpstreamError::InvalidResponse(format!(
+            "access_token must be 1 to {MAX_TOKEN_LEN} printable ASCII characters"
+        )));
+    }
+    let token_type = match raw.token_type {
+        Some(t) if !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()) => t,
+        Some(_) => return Err(UpstreamError::InvalidResponse("token_type is not a token type".to_owned())),
+        None => return Err(UpstreamError::InvalidResponse("no token_type".to_owned())),
+    };
+    let (lifetime, assumed_lifetime) = match raw.expires_in {
+        None | Some(serde_json::Value::Null) => (client.default_ttl, true),
+        Some(v) => (parse_expires_in(&v)?, false),
+    };
+    let granted = match raw.scope.as_deref().map(str::trim) {
+        None | Some("") => requested.clone(),
+        Some(s) => ScopeSet::parse_delimited(s)
+            .ok_or_else(|| UpstreamError::InvalidResponse("scope is not a list of scope-tokens".to_owned()))?,
+    };
+    let extra: Vec<String> = granted.difference(requested).map(str::to_owned).collect();
+    if !extra.is_empty() {
+        return Err(UpstreamError::ScopeTooWide { extra });
+    }
+    Ok(Issued {
+        access_token,
+        token_type,
+        lifetime,
+        received_at,
+        granted,
+        assumed_lifetime,
+    })
+}
+
+/// `expires_in`: a positive number of seconds, as a JSON number or a numeric string.
+fn parse_expires_in(v: &serde_json::Value) -> Result<Duration, UpstreamError> {
+    let secs = match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    match secs {
+        Some(s) if s.is_finite() && s >= 1.0 => Ok(Duration::from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64()))),
+        Some(_) => Err(UpstreamError::InvalidResponse("expires_in is not a positive number of seconds".to_owned())),
+        None => Err(UpstreamError::InvalidResponse("expires_in is not a number".to_owned())),
+    }
+}
+
+/// The OAuth `error` and `error_description` of an error body: JSON, form-encoded, or the start of any text.
+fn parse_error(body: &[u8]) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize)]
+    struct RawError {
+        error: Option<String>,
+        error_description: Option<String>,
+    }
+    if let Ok(e) = serde_json::from_slice::<RawError>(body) {
+        return (e.error.and_then(|c| sanitize(&c, 64)), e.error_description.and_then(|d| sanitize(&d, 256)));
+    }
+    let text = String::from_utf8_lossy(body);
+    if text.contains("error=") && !text.contains('<') {
+        let mut code = None;
+        let mut description = None;
+        for (k, v) in form_urlencoded::parse(text.as_bytes()) {
+            match k.as_ref() {
+                "error" => code = sanitize(&v, 64),
+                "error_description" => description = sanitize(&v, 256),
+                _ => {}
+            }
+        }
+        return (code, description);
+    }
+    (None, sanitize(&text, 200))
+}
+
+/// Keeps printable ASCII (collapsing whitespace), at most `max` characters; `None` when nothing is left.
+fn sanitize(s: &str, max: usize) -> Option<String> {
+    let cleaned: String = s
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(max)
+        .collect();
+    (!cleaned.is_empty()).then_some(cleaned)
+}
+
+/// Replaces every occurrence of `secret` (and of its form-encoded form) in `text`.
+fn scrub(text: &str, secret: &str) -> String {
+    let mut out = text.replace(secret, "[redacted]");
+    let encoded = form_encode(secret);
+    if encoded.as_str() != secret {
+        out = out.replace(encoded.as_str(), "[redacted]");
+    }
+    out
+}
+
+/// `Retry-After` in either form (RFC 9110 §10.2.3): delay-seconds or an HTTP-date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding_follows_rfc6749_appendix_b() {
+        assert_eq!(form_encode("a b+c%d:é").as_str(), "a+b%2Bc%25d%3A%C3%A9");
+        assert_eq!(form_encode("Az09*-._").as_str(), "Az09*-._");
+    }
+
+    #[test]
+    fn expires_in_as_number_or_string() {
+        assert_eq!(parse_expires_in(&serde_json::json!(3600)).unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_expires_in(&serde_json::json!("120")).unwrap(), Duration::from_secs(120));
+        assert!(parse_expires_in(&serde_json::json!(0)).is_err());
+        assert!(parse_expires_in(&serde_json::json!("soon")).is_err());
+        assert_eq!(parse_expires_in(&serde_json::json!(1e12)).unwrap(), MAX_LIFETIME);
+    }
+
+    #[test]
+    fn error_bodies_are_parsed_leniently() {
+        let (c, d) = parse_error(br#"{"error":"invalid_scope","error_description":"nope"}"#);
+        assert_eq!((c.as_deref(), d.as_deref()), (Some("invalid_scope"), Some("nope")));
+        let (c, _) = parse_error(b"error=invalid_client&error_description=bad+secret");
+        assert_eq!(c.as_deref(), Some("invalid_client"));
+        let (c, d) = parse_error(b"<html><body>Forbidden</body></html>");
+        assert_eq!(c, None);
+        assert!(d.unwrap().contains("Forbidden"));
+        assert_eq!(parse_error(b""), (None, None));
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_from_descriptions() {
+        assert_eq!(scrub("bad secret 'p@ss w'", "p@ss w"), "bad secret '[redacted]'");
+        assert_eq!(scrub("got p%40ss+w", "p@ss w"), "got [redacted]");
+    }
+
+    #[test]
+    fn retry_after_in_both_forms() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:50:37 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(parse_retry_after("later", now), None);
+    }
+}
