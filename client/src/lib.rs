@@ -1,1 +1,485 @@
+//! Client for `credbrokerd`: least-privilege OAuth 2.0 access tokens for this process, over the daemon's Unix
+//! socket. The daemon decides what this process may have from the identity the kernel reports for it
+//! (uid, gid, executable, systemd unit); nothing this library sends can widen that.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), credbroker_client::Error> {
+//! use secrecy::ExposeSecret;
+//!
+//! let mut client = credbroker_client::Client::from_env().await?;
+//! let token = client.token(["scim:read"]).await?;
+//! println!("expires at {:?}", token.expires_at());
+//! let _header = token.bearer_header(); // "Bearer …", to put in an Authorization header
+//! let _raw = token.access_token().expose_secret();
+//! # Ok(()) }
+//! ```
+//!
+//! # Security
+//! Tokens are held in [`SecretString`]s: their `Debug` output is redacted and their memory is zeroized on
+//! drop. Do not log [`Token::access_token`]'s exposed value.
+#![forbid(unsafe_code)]
 
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use credbroker_proto::TokenBrokerClient;
+use credbroker_proto::pb;
+use hyper_util::rt::TokioIo;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+pub use secrecy;
+
+/// The system socket.
+pub const DEFAULT_SOCKET: &str = "/run/credbroker/credbroker.sock";
+/// Timeout applied to every call unless changed with [`Client::with_timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The daemon's socket could not be reached: is `credbrokerd` running, and is this the right path?
+    #[error("cannot reach credbrokerd at {}: {source} (is the service running? try: systemctl status credbroker.socket)", socket.display())]
+    Connect {
+        /// The socket path.
+        socket: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The request was malformed: no or invalid scopes, an unknown client, an ambiguous client.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// No policy lets this process have what it asked for. The message names the refused scope and how the
+    /// daemon saw this process.
+    #[error("denied: {0}")]
+    PermissionDenied(String),
+    /// The daemon could not establish this process's identity.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The IdP refused the broker's own credentials or the scope: an operator must act.
+    #[error("the IdP refused the broker's request (operator action needed): {0}")]
+    FailedPrecondition(String),
+    /// The daemon or the IdP is unavailable; worth retrying.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// This caller asked for new tokens too fast; retry later.
+    #[error("rate limited: {0}")]
+    ResourceExhausted(String),
+    /// The call did not complete within its timeout.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// Any other status.
+    #[error("{code:?}: {message}")]
+    Other {
+        /// The gRPC code.
+        code: tonic::Code,
+        /// The message.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Whether the caller was refused by policy (or could not be identified).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Self::PermissionDenied(_) | Self::Unauthenticated(_))
+    }
+
+    /// Whether trying again later may succeed: the daemon or the IdP is unavailable, or rate limited.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Unavailable(_) | Self::ResourceExhausted(_) | Self::Timeout(_)
+        )
+    }
+
+    /// Whether an operator must fix the broker's configuration or its IdP registration.
+    pub fn needs_operator(&self) -> bool {
+        matches!(self, Self::FailedPrecondition(_))
+    }
+
+    /// Whether the request itself was malformed.
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(self, Self::InvalidArgument(_))
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(s: tonic::Status) -> Self {
+        let message = s.message().to_owned();
+        match s.code() {
+            tonic::Code::InvalidArgument => Self::InvalidArgument(message),
+            tonic::Code::PermissionDenied => Self::PermissionDenied(message),
+            tonic::Code::Unauthenticated => Self::Unauthenticated(message),
+            tonic::Code::FailedPrecondition => Self::FailedPrecondition(message),
+            tonic::Code::Unavailable => Self::Unavailable(message),
+            tonic::Code::ResourceExhausted => Self::ResourceExhausted(message),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => Self::Timeout(message),
+            code => Self::Other { code, message },
+        }
+    }
+}
+
+/// An access token from the daemon.
+pub struct Token {
+    access_token: SecretString,
+    token_type: String,
+    expires_at: SystemTime,
+    scopes: Vec<String>,
+    client: String,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("access_token", &"[redacted]")
+            .field("token_type", &self.token_type)
+            .field("expires_at", &self.expires_at)
+            .field("scopes", &self.scopes)
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl Token {
+    /// The access token.
+    pub fn access_token(&self) -> &SecretString {
+        &self.access_token
+    }
+
+    /// `token_type` as the IdP issued it, e.g. `Bearer`.
+    pub fn token_type(&self) -> &str {
+        &self.token_type
+    }
+
+    /// When the token expires.
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// Time left until expiry (zero once expired).
+    pub fn expires_in(&self) -> Duration {
+        self.expires_at.duration_since(SystemTime::now()).unwrap_or_default()
+    }
+
+    /// The scopes granted.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The client (IdP registration) it came from.
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+
+    /// The value of an `Authorization` header: `Bearer <token>` (the scheme spelled as RFC 6750 does,
+    /// whatever case the IdP used).
+    pub fn bearer_header(&self) -> SecretString {
+        let scheme = if self.token_type.eq_ignore_ascii_case("bearer") {
+            "Bearer"
+        } else {
+            self.token_type.as_str()
+        };
+        SecretString::from(format!("{scheme} {}", self.access_token.expose_secret()))
+    }
+}
+
+/// A GetToken request: scopes, and optionally a client and a least remaining lifetime.
+#[derive(Clone, Debug, Default)]
+pub struct TokenRequest {
+    scopes: Vec<String>,
+    client: Option<String>,
+    min_ttl: Option<Duration>,
+}
+
+impl TokenRequest {
+    /// A request for `scopes` (order and duplicates do not matter).
+    pub fn new<I, S>(scopes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            scopes: scopes.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// From this client (needed when this caller's policies name several).
+    pub fn client(mut self, client: impl Into<String>) -> Self {
+        self.client = Some(client.into());
+        self
+    }
+
+    /// The token must stay valid at least this long (whole seconds; default: the daemon's).
+    pub fn min_ttl(mut self, min_ttl: Duration) -> Self {
+        self.min_ttl = Some(min_ttl);
+        self
+    }
+}
+
+/// How the daemon sees this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WhoAmI {
+    /// Effective uid.
+    pub uid: u32,
+    /// Effective gid.
+    pub gid: u32,
+    /// Process id.
+    pub pid: i32,
+    /// User name (empty if none).
+    pub user: String,
+    /// Group names, primary first.
+    pub groups: Vec<String>,
+    /// Executable path (empty if unreadable).
+    pub exe: String,
+    /// Systemd unit (empty if none).
+    pub unit: String,
+    /// For each client, the scope patterns this process may request.
+    pub grants: Vec<(String, Vec<String>)>,
+}
+
+/// A connection to `credbrokerd`. Cheap to clone; reconnects by itself after the daemon restarts.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: TokenBrokerClient<Channel>,
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+/// The socket to use: `CREDBROKER_SOCKET`, else the system socket if it exists, else
+/// `$XDG_RUNTIME_DIR/credbroker/credbroker.sock` if that exists, else the system socket.
+pub fn discover_socket() -> PathBuf {
+    socket_from(
+        std::env::var_os("CREDBROKER_SOCKET").map(PathBuf::from),
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+        |p| p.exists(),
+    )
+}
+
+fn socket_from(explicit: Option<PathBuf>, runtime_dir: Option<PathBuf>, exists: impl Fn(&Path) -> bool) -> PathBuf {
+    if let Some(p) = explicit.filter(|p| !p.as_os_str().is_empty()) {
+        return p;
+    }
+    let system = PathBuf::from(DEFAULT_SOCKET);
+    if exists(&system) {
+        return system;
+    }
+    match runtime_dir.map(|d| d.join("credbroker/credbroker.sock")) {
+        Some(user) if exists(&user) => user,
+        _ => system,
+    }
+}
+
+impl Client {
+    /// Connects to the daemon's socket at `socket`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), credbroker_client::Error> {
+    /// let client = credbroker_client::Client::connect("/run/credbroker/credbroker.sock").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the socket cannot be reached.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, Error> {
+        let socket = socket.as_ref().to_owned();
+        let path = socket.clone();
+        // The URI is required by the HTTP/2 layer and ignored by the connector.
+        let channel = Endpoint::from_static("http://credbroker.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await
+            .map_err(|e| Error::Connect {
+                socket: socket.clone(),
+                source: innermost(&e).into(),
+            })?;
+        Ok(Self {
+            inner: TokenBrokerClient::new(channel),
+            socket,
+            timeout: DEFAULT_TIMEOUT,
+        })
+    }
+
+    /// Connects to the socket [`discover_socket`] finds.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), credbroker_client::Error> {
+    /// let client = credbroker_client::Client::from_env().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Connect`] when the socket cannot be reached.
+    pub async fn from_env() -> Result<Self, Error> {
+        Self::connect(discover_socket()).await
+    }
+
+    /// Sets the timeout of every call (default [`DEFAULT_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A token with exactly `scopes`, from the only client this caller's policies name.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut client: credbroker_client::Client) -> Result<(), credbroker_client::Error> {
+    /// let token = client.token(["scim:read", "scim:write"]).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`Error`]: [`Error::is_denied`] when policy refuses, [`Error::is_retryable`] when the daemon or IdP
+    /// is unavailable, [`Error::needs_operator`] when the IdP refused the broker's configuration.
+    pub async fn token<I, S>(&mut self, scopes: I) -> Result<Token, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.get_token(TokenRequest::new(scopes)).await
+    }
+
+    /// A token for a full [`TokenRequest`].
+    ///
+    /// ```no_run
+    /// # async fn demo(mut client: credbroker_client::Client) -> Result<(), credbroker_client::Error> {
+    /// use credbroker_client::TokenRequest;
+    /// use std::time::Duration;
+    ///
+    /// let request = TokenRequest::new(["scim:read"]).client("asgardeo").min_ttl(Duration::from_secs(300));
+    /// let token = client.get_token(request).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Client::token`].
+    pub async fn get_token(&mut self, request: TokenRequest) -> Result<Token, Error> {
+        let min_ttl = request.min_ttl.map_or(0, |d| {
+            // Round up: a caller asking for 1.5 s needs 2.
+            u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
+        });
+        let mut req = tonic::Request::new(pb::GetTokenRequest {
+            scopes: request.scopes,
+            client: request.client.unwrap_or_default(),
+            min_ttl_seconds: min_ttl,
+        });
+        req.set_timeout(self.timeout);
+        let resp = self.call(self.inner.clone().get_token(req)).await?.into_inner();
+        let expires_at = resp
+            .expires_at
+            .and_then(|t| SystemTime::try_from(t).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(Token {
+            access_token: SecretString::from(resp.access_token),
+            token_type: resp.token_type,
+            expires_at,
+            scopes: resp.scopes,
+            client: resp.client,
+        })
+    }
+
+    /// How the daemon sees this process, and what it may request.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut client: credbroker_client::Client) -> Result<(), credbroker_client::Error> {
+    /// let me = client.whoami().await?;
+    /// println!("uid {} exe {}", me.uid, me.exe);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unauthenticated`] when the daemon cannot identify this process; [`Error::is_retryable`] ones
+    /// when it is unreachable.
+    pub async fn whoami(&mut self) -> Result<WhoAmI, Error> {
+        let mut req = tonic::Request::new(pb::WhoAmIRequest {});
+        req.set_timeout(self.timeout);
+        let resp = self.call(self.inner.clone().who_am_i(req)).await?.into_inner();
+        let c = resp.caller.unwrap_or_default();
+        Ok(WhoAmI {
+            uid: c.uid,
+            gid: c.gid,
+            pid: c.pid,
+            user: c.user,
+            groups: c.groups,
+            exe: c.exe,
+            unit: c.unit,
+            grants: resp.grants.into_iter().map(|g| (g.client, g.scopes)).collect(),
+        })
+    }
+
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<tonic::Response<T>, Error> {
+        match tokio::time::timeout(self.timeout + Duration::from_secs(1), call).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable && status.message().contains("transport") => {
+                Err(Error::Connect {
+                    socket: self.socket.clone(),
+                    source: status.message().to_owned().into(),
+                })
+            }
+            Ok(Err(status)) => Err(status.into()),
+            Err(_) => Err(Error::Timeout(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_discovery_order() {
+        let none = |_: &Path| false;
+        assert_eq!(socket_from(Some("/x.sock".into()), None, none), PathBuf::from("/x.sock"));
+        assert_eq!(socket_from(None, Some("/run/user/1".into()), none), PathBuf::from(DEFAULT_SOCKET));
+        let user_only = |p: &Path| p.starts_with("/run/user");
+        assert_eq!(
+            socket_from(None, Some("/run/user/1".into()), user_only),
+            PathBuf::from("/run/user/1/credbroker/credbroker.sock")
+        );
+        assert_eq!(socket_from(Some("".into()), None, none), PathBuf::from(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn token_debug_is_redacted_and_header_is_canonical() {
+        let t = Token {
+            access_token: SecretString::from("tok-123".to_owned()),
+            token_type: "bearer".into(),
+            expires_at: SystemTime::now(),
+            scopes: vec!["a".into()],
+            client: "idp".into(),
+        };
+        assert!(!format!("{t:?}").contains("tok-123"));
+        assert_eq!(t.bearer_header().expose_secret(), "Bearer tok-123");
+    }
+
+    #[test]
+    fn classifiers() {
+        assert!(Error::from(tonic::Status::permission_denied("x")).is_denied());
+        assert!(Error::from(tonic::Status::unavailable("x")).is_retryable());
+        assert!(Error::from(tonic::Status::resource_exhausted("x")).is_retryable());
+        assert!(Error::from(tonic::Status::failed_precondition("x")).needs_operator());
+        assert!(Error::from(tonic::Status::invalid_argument("x")).is_invalid_request());
+    }
+}

@@ -1,0 +1,306 @@
+//! A stand-in OAuth 2.0 token endpoint for tests and the quick start. **Not an identity provider**: it issues
+//! opaque tokens for a fixed set of clients, like Asgardeo's `/oauth2/token`, and can be told to misbehave
+//! in each way real IdPs and proxies do.
+//!
+//! It speaks the client-credentials grant over plain HTTP/1.1 on 127.0.0.1: `client_secret_basic` (with the
+//! RFC 6749 §2.3.1 form-decoding of id and secret) or `client_secret_post` (never both), per-client allowed
+//! scopes (`invalid_scope` otherwise), UUID access tokens, `expires_in`, `Cache-Control: no-store`. It
+//! records every request so tests can see exactly what the broker sent.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// A client registered with the stand-in.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// `client_id`.
+    pub id: String,
+    /// `client_secret`.
+    pub secret: String,
+    /// Scopes this client may get.
+    pub scopes: Vec<String>,
+}
+
+/// How the endpoint misbehaves.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Behave.
+    #[default]
+    None,
+    /// Answer with this 5xx status and an HTML page.
+    Status(u16),
+    /// 429 with this `Retry-After` value.
+    RateLimited(String),
+    /// Wait this long before answering.
+    Slow(Duration),
+    /// 200 with an HTML page.
+    HtmlOk,
+    /// 403 with an empty body.
+    EmptyForbidden,
+    /// Omit `expires_in`.
+    NoExpiresIn,
+    /// Grant this scope on top of the requested ones.
+    WiderScope(String),
+    /// Answer `expires_in` as a string.
+    ExpiresInString,
+    /// Answer `invalid_client` with a description that echoes the secret the broker sent (a sloppy server).
+    EchoSecret,
+}
+
+/// One request the endpoint received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// The client id, however it authenticated (empty if it did not).
+    pub client_id: String,
+    /// `"basic"`, `"post"`, `"both"` or `"none"`.
+    pub auth: &'static str,
+    /// The `scope` parameter.
+    pub scope: String,
+    /// All form parameters except the secret.
+    pub params: Vec<(String, String)>,
+    /// The token issued, if any.
+    pub token: Option<String>,
+}
+
+struct State {
+    clients: HashMap<String, Registration>,
+    fault: Mutex<Fault>,
+    expires_in: AtomicU64,
+    requests: Mutex<Vec<Recorded>>,
+}
+
+/// A running stand-in endpoint.
+pub struct StandInIdp {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StandInIdp {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StandInIdp {
+    /// Starts on `127.0.0.1:port` (0 for any free port) with these clients.
+    ///
+    /// # Panics
+    /// If the port cannot be bound.
+    pub async fn start(port: u16, clients: Vec<Registration>) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind the stand-in IdP");
+        let addr = listener.local_addr().expect("local address");
+        let state = Arc::new(State {
+            clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            fault: Mutex::new(Fault::None),
+            expires_in: AtomicU64::new(3600),
+            requests: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(serve(listener, state.clone()));
+        Self { addr, state, task }
+    }
+
+    /// The token endpoint's URL.
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth2/token", self.addr)
+    }
+
+    /// Changes how the endpoint behaves from the next request on.
+    pub fn set_fault(&self, fault: Fault) {
+        *self.state.fault.lock().unwrap() = fault;
+    }
+
+    /// Sets the `expires_in` of the next tokens.
+    pub fn set_expires_in(&self, secs: u64) {
+        self.state.expires_in.store(secs, Ordering::SeqCst);
+    }
+
+    /// Number of token requests received.
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// The requests received, oldest first.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Every token issued so far.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.requests().into_iter().filter_map(|r| r.token).collect()
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(req, state.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .header("pragma", "no-cache")
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn oauth_error(status: StatusCode, code: &str, description: &str) -> Resp {
+    let body = serde_json::json!({ "error": code, "error_description": description }).to_string();
+    let mut r = respond(status, "application/json", body);
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert("www-authenticate", "Basic realm=\"stand-in\"".parse().unwrap());
+    }
+    r
+}
+
+fn form_decode(s: &str) -> Option<String> {
+    // RFC 6749 §2.3.1: the id and secret inside Basic are application/x-www-form-urlencoded.
+    let pair = format!("v={s}");
+    form_urlencoded::parse(pair.as_bytes()).next().map(|(_, v)| v.into_owned())
+}
+
+fn basic_credentials(req: &Request<Incoming>) -> Option<Option<(String, String)>> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let Some(b64) = value.strip_prefix("Basic ") else {
+        return Some(None);
+    };
+    let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok();
+    let text = decoded.and_then(|d| String::from_utf8(d).ok());
+    Some(text.and_then(|t| {
+        let (id, secret) = t.split_once(':')?;
+        Some((form_decode(id)?, form_decode(secret)?))
+    }))
+}
+
+async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infallible> {
+    if req.method() != hyper::Method::POST || req.uri().path() != "/oauth2/token" {
+        return Ok(respond(StatusCode::NOT_FOUND, "text/plain", "not found"));
+    }
+    let form_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let basic = basic_credentials(&req);
+    let Ok(body) = Limited::new(req.into_body(), 64 * 1024).collect().await else {
+        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "body too large"));
+    };
+    let body = body.to_bytes();
+    let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let post = match (param("client_id"), param("client_secret")) {
+        (Some(id), Some(secret)) => Some((id, secret)),
+        _ => None,
+    };
+    let (auth, creds) = match (&basic, &post) {
+        (Some(_), Some(_)) => ("both", None),
+        (Some(b), None) => ("basic", b.clone()),
+        (None, Some(p)) => ("post", Some(p.clone())),
+        (None, None) => ("none", None),
+    };
+    let mut record = Recorded {
+        client_id: creds.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
+        auth,
+        scope: param("scope").unwrap_or_default(),
+        params: params.iter().filter(|(k, _)| k != "client_secret").cloned().collect(),
+        token: None,
+    };
+    let fault = state.fault.lock().unwrap().clone();
+    let response = decide(&state, &fault, form_type, &params, auth, creds, &mut record).await;
+    state.requests.lock().unwrap().push(record);
+    Ok(response)
+}
+
+async fn decide(
+    state: &State,
+    fault: &Fault,
+    form_type: bool,
+    params: &[(String, String)],
+    auth: &str,
+    creds: Option<(String, String)>,
+    record: &mut Recorded,
+) -> Resp {
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    match fault {
+        Fault::Status(s) => {
+            let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return respond(status, "text/html", "<html><body><h1>Bad Gateway</h1></body></html>");
+        }
+        Fault::RateLimited(after) => {
+            let mut r = oauth_error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "slow down");
+            r.headers_mut().insert("retry-after", after.parse().unwrap());
+            return r;
+        }
+        Fault::Slow(d) => tokio::time::sleep(*d).await,
+        Fault::HtmlOk => return respond(StatusCode::OK, "text/html", "<html><body>Sign in</body></html>"),
+        Fault::EmptyForbidden => return respond(StatusCode::FORBIDDEN, "text/plain", ""),
+        _ => {}
+    }
+    if !form_type {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "expected a form body");
+    }
+    if param("grant_type").as_deref() != Some("client_credentials") {
+        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "only client_credentials");
+    }
+    if auth == "both" {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "client authentication by two methods");
+    }
+    let Some((id, secret)) = creds else {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed");
+    };
+    if *fault == Fault::EchoSecret {
+        let description = format!("client authentication failed for secret '{secret}'");
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &description);
+    }
+    let Some(reg) = state.clients.get(&id).filter(|r| r.secret == secret) else {
+        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed");
+    };
+    let requested: Vec<&str> = record.scope.split(' ').filter(|s| !s.is_empty()).collect();
+    if let Some(bad) = requested.iter().find(|s| !reg.scopes.iter().any(|a| a == *s)) {
+        return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &format!("scope {bad} is not allowed"));
+    }
+    let token = uuid::Uuid::new_v4().to_string();
+    record.token = Some(token.clone());
+    let mut granted = requested.join(" ");
+    if let Fault::WiderScope(extra) = fault {
+        granted = format!("{granted} {extra}");
+    }
+    let expires_in = state.expires_in.load(Ordering::SeqCst);
+    let mut body = serde_json::json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": granted,
+    });
+    match fault {
+        Fault::NoExpiresIn => {
+            body.as_object_mut().unwrap().remove("expires_in");
+        }
+        Fault::ExpiresInString => body["expires_in"] = serde_json::json!(expires_in.to_string()),
+        _ => {}
+    }
+    respond(StatusCode::OK, "application/json", body.to_string())
+}
