@@ -92,7 +92,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Connect { .. } | Self::Unavailable(_) | Self::ResourceExhausted(_) | Self::Timeout(_)
+            Self::Connect { .. }
+                | Self::Unavailable(_)
+                | Self::ResourceExhausted(_)
+                | Self::Timeout(_)
         )
     }
 
@@ -162,7 +165,9 @@ impl Token {
 
     /// Time left until expiry (zero once expired).
     pub fn expires_in(&self) -> Duration {
-        self.expires_at.duration_since(SystemTime::now()).unwrap_or_default()
+        self.expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
     }
 
     /// The scopes granted.
@@ -260,7 +265,11 @@ pub fn discover_socket() -> PathBuf {
     )
 }
 
-fn socket_from(explicit: Option<PathBuf>, runtime_dir: Option<PathBuf>, exists: impl Fn(&Path) -> bool) -> PathBuf {
+fn socket_from(
+    explicit: Option<PathBuf>,
+    runtime_dir: Option<PathBuf>,
+    exists: impl Fn(&Path) -> bool,
+) -> PathBuf {
     if let Some(p) = explicit.filter(|p| !p.as_os_str().is_empty()) {
         return p;
     }
@@ -375,7 +384,10 @@ impl Client {
             min_ttl_seconds: min_ttl,
         });
         req.set_timeout(self.timeout);
-        let resp = self.call(self.inner.clone().get_token(req)).await?.into_inner();
+        let resp = self
+            .call(self.inner.clone().get_token(req))
+            .await?
+            .into_inner();
         let expires_at = resp
             .expires_at
             .and_then(|t| SystemTime::try_from(t).ok())
@@ -404,7 +416,10 @@ impl Client {
     pub async fn whoami(&mut self) -> Result<WhoAmI, Error> {
         let mut req = tonic::Request::new(pb::WhoAmIRequest {});
         req.set_timeout(self.timeout);
-        let resp = self.call(self.inner.clone().who_am_i(req)).await?.into_inner();
+        let resp = self
+            .call(self.inner.clone().who_am_i(req))
+            .await?
+            .into_inner();
         let c = resp.caller.unwrap_or_default();
         Ok(WhoAmI {
             uid: c.uid,
@@ -414,7 +429,11 @@ impl Client {
             groups: c.groups,
             exe: c.exe,
             unit: c.unit,
-            grants: resp.grants.into_iter().map(|g| (g.client, g.scopes)).collect(),
+            grants: resp
+                .grants
+                .into_iter()
+                .map(|g| (g.client, g.scopes))
+                .collect(),
         })
     }
 
@@ -424,14 +443,20 @@ impl Client {
     ) -> Result<tonic::Response<T>, Error> {
         match tokio::time::timeout(self.timeout + Duration::from_secs(1), call).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable && status.message().contains("transport") => {
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unavailable
+                    && status.message().contains("transport") =>
+            {
                 Err(Error::Connect {
                     socket: self.socket.clone(),
                     source: status.message().to_owned().into(),
                 })
             }
             Ok(Err(status)) => Err(status.into()),
-            Err(_) => Err(Error::Timeout(format!("no answer within {:?}", self.timeout))),
+            Err(_) => Err(Error::Timeout(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
         }
     }
 }
@@ -451,14 +476,23 @@ mod tests {
     #[test]
     fn socket_discovery_order() {
         let none = |_: &Path| false;
-        assert_eq!(socket_from(Some("/x.sock".into()), None, none), PathBuf::from("/x.sock"));
-        assert_eq!(socket_from(None, Some("/run/user/1".into()), none), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(
+            socket_from(Some("/x.sock".into()), None, none),
+            PathBuf::from("/x.sock")
+        );
+        assert_eq!(
+            socket_from(None, Some("/run/user/1".into()), none),
+            PathBuf::from(DEFAULT_SOCKET)
+        );
         let user_only = |p: &Path| p.starts_with("/run/user");
         assert_eq!(
             socket_from(None, Some("/run/user/1".into()), user_only),
             PathBuf::from("/run/user/1/credbroker/credbroker.sock")
         );
-        assert_eq!(socket_from(Some("".into()), None, none), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(
+            socket_from(Some("".into()), None, none),
+            PathBuf::from(DEFAULT_SOCKET)
+        );
     }
 
     #[test]

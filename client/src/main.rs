@@ -88,7 +88,10 @@ enum WhoamiFormat {
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse().map(Duration::from_secs).map_err(|e| e.to_string());
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|e| e.to_string());
     }
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. \"90\", \"90s\" or \"5m\")"))
 }
@@ -98,10 +101,17 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("credbroker: cannot start: {e}");
@@ -132,7 +142,9 @@ fn exit_code(e: &Error) -> u8 {
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
-    let socket = cli.socket.unwrap_or_else(credbroker_client::discover_socket);
+    let socket = cli
+        .socket
+        .unwrap_or_else(credbroker_client::discover_socket);
     let mut client = Client::connect(&socket).await?;
     match cli.command {
         Command::Token {
@@ -142,7 +154,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
             scopes,
         } => {
             // A pasted OAuth scope string ("a b c") is several scopes.
-            let scopes: Vec<String> = scopes.iter().flat_map(|s| s.split_whitespace()).map(str::to_owned).collect();
+            let scopes: Vec<String> = scopes
+                .iter()
+                .flat_map(|s| s.split_whitespace())
+                .map(str::to_owned)
+                .collect();
             let mut request = TokenRequest::new(scopes);
             if let Some(name) = name {
                 request = request.client(name);
@@ -157,8 +173,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let me = client.whoami().await?;
             match format {
                 WhoamiFormat::Json => {
-                    let grants: serde_json::Map<String, serde_json::Value> =
-                        me.grants.iter().map(|(c, s)| (c.clone(), serde_json::json!(s))).collect();
+                    let grants: serde_json::Map<String, serde_json::Value> = me
+                        .grants
+                        .iter()
+                        .map(|(c, s)| (c.clone(), serde_json::json!(s)))
+                        .collect();
                     let v = serde_json::json!({
                         "uid": me.uid, "gid": me.gid, "pid": me.pid, "user": me.user, "groups": me.groups,
                         "exe": me.exe, "unit": me.unit, "grants": grants,
@@ -171,7 +190,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     println!("groups: {}", me.groups.join(", "));
                     println!("pid:    {}", me.pid);
                     println!("exe:    {}", me.exe);
-                    println!("unit:   {}", if me.unit.is_empty() { "-" } else { &me.unit });
+                    println!(
+                        "unit:   {}",
+                        if me.unit.is_empty() { "-" } else { &me.unit }
+                    );
                     if me.grants.is_empty() {
                         println!("grants: none (no policy matches this process)");
                     }

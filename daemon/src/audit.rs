@@ -19,11 +19,20 @@ use crate::scope::ScopeSet;
 pub const TARGET: &str = "credbroker::audit";
 
 fn exe(caller: &Caller) -> String {
-    caller.exe.as_ref().map(|e| e.display().to_string()).unwrap_or_default()
+    caller
+        .exe
+        .as_ref()
+        .map(|e| e.display().to_string())
+        .unwrap_or_default()
 }
 
 /// A refused request. `requested` is what the caller sent (it may not be a valid scope set).
-pub fn denied(caller: Option<&Caller>, client: &str, requested: &[String], reason: &dyn std::fmt::Display) {
+pub fn denied(
+    caller: Option<&Caller>,
+    client: &str,
+    requested: &[String],
+    reason: &dyn std::fmt::Display,
+) {
     let requested = requested.join(" ");
     match caller {
         Some(c) => tracing::warn!(
@@ -39,7 +48,9 @@ pub fn denied(caller: Option<&Caller>, client: &str, requested: &[String], reaso
             reason = %reason,
             "token denied"
         ),
-        None => tracing::warn!(target: TARGET, event = "deny", client, requested = %requested, reason = %reason, "token denied"),
+        None => {
+            tracing::warn!(target: TARGET, event = "deny", client, requested = %requested, reason = %reason, "token denied")
+        }
     }
 }
 
@@ -123,7 +134,8 @@ impl GrantLog {
                     false
                 }
                 None => {
-                    seen.repeats.insert(grant.fingerprint, (grant.client.to_owned(), 0));
+                    seen.repeats
+                        .insert(grant.fingerprint, (grant.client.to_owned(), 0));
                     true
                 }
             }
@@ -136,7 +148,12 @@ impl GrantLog {
 
 impl Drop for GrantLog {
     fn drop(&mut self) {
-        let Some(seen) = self.seen.get_mut().unwrap_or_else(|e| e.into_inner()).take() else {
+        let Some(seen) = self
+            .seen
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
             return;
         };
         for (fp, (client, n)) in seen.repeats.into_iter().filter(|(_, (_, n))| *n > 0) {

@@ -162,12 +162,19 @@ impl Slot {
         let token = self.token.read().unwrap_or_else(|e| e.into_inner());
         token
             .as_ref()
-            .filter(|t| t.remaining(now) > min_ttl.required(t.lifetime) || (t.remaining(now) > Duration::ZERO && min_ttl.unsatisfiable(t.lifetime)))
+            .filter(|t| {
+                t.remaining(now) > min_ttl.required(t.lifetime)
+                    || (t.remaining(now) > Duration::ZERO && min_ttl.unsatisfiable(t.lifetime))
+            })
             .cloned()
     }
 
     fn expires_at(&self) -> Option<Instant> {
-        self.token.read().unwrap_or_else(|e| e.into_inner()).as_ref().map(|t| t.expires_at)
+        self.token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|t| t.expires_at)
     }
 }
 
@@ -201,7 +208,12 @@ impl TokenCache {
     ///
     /// # Errors
     /// `fetch`'s error; nothing is cached then.
-    pub async fn get<F, Fut, E>(&self, key: CacheKey, min_ttl: MinTtl, fetch: F) -> Result<(Arc<CachedToken>, Source), E>
+    pub async fn get<F, Fut, E>(
+        &self,
+        key: CacheKey,
+        min_ttl: MinTtl,
+        fetch: F,
+    ) -> Result<(Arc<CachedToken>, Source), E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Issued, E>>,
@@ -228,7 +240,8 @@ impl TokenCache {
         if slots.len() >= self.max_entries {
             let now = Instant::now();
             // Idle entries whose token is gone or expired (an entry being fetched is held by its fetcher).
-            slots.retain(|_, s| Arc::strong_count(s) > 1 || s.expires_at().is_some_and(|e| e > now));
+            slots
+                .retain(|_, s| Arc::strong_count(s) > 1 || s.expires_at().is_some_and(|e| e > now));
             if slots.len() >= self.max_entries {
                 let victim = slots
                     .iter()
@@ -282,20 +295,45 @@ mod tests {
         assert_eq!((t.access_token.expose_secret(), s), ("t0", Source::Cache));
         tokio::time::advance(Duration::from_secs(3500)).await;
         // 100 s left: fine for the default, not for a caller that needs 200 s.
-        assert_eq!(get(MinTtl::Default(Duration::from_secs(60))).await.unwrap().1, Source::Cache);
-        let (t, s) = get(MinTtl::Explicit(Duration::from_secs(200))).await.unwrap();
+        assert_eq!(
+            get(MinTtl::Default(Duration::from_secs(60)))
+                .await
+                .unwrap()
+                .1,
+            Source::Cache
+        );
+        let (t, s) = get(MinTtl::Explicit(Duration::from_secs(200)))
+            .await
+            .unwrap();
         assert_eq!((t.access_token.expose_secret(), s), ("t1", Source::Idp));
     }
 
     #[tokio::test(start_paused = true)]
     async fn default_min_ttl_is_at_most_half_the_lifetime() {
-        assert_eq!(MinTtl::Default(Duration::from_secs(60)).required(Duration::from_secs(30)), Duration::from_secs(15));
+        assert_eq!(
+            MinTtl::Default(Duration::from_secs(60)).required(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
         let cache = TokenCache::new(10);
         let k = key("c", &["a"]);
         let short = || async { Ok::<_, ()>(issued("short", 30)) };
-        assert_eq!(cache.get(k.clone(), MinTtl::Default(Duration::from_secs(60)), short).await.unwrap().1, Source::Idp);
+        assert_eq!(
+            cache
+                .get(k.clone(), MinTtl::Default(Duration::from_secs(60)), short)
+                .await
+                .unwrap()
+                .1,
+            Source::Idp
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(cache.get(k, MinTtl::Default(Duration::from_secs(60)), short).await.unwrap().1, Source::Cache);
+        assert_eq!(
+            cache
+                .get(k, MinTtl::Default(Duration::from_secs(60)), short)
+                .await
+                .unwrap()
+                .1,
+            Source::Cache
+        );
     }
 
     #[tokio::test]
@@ -308,11 +346,15 @@ mod tests {
             let (cache, fetches, mut rx) = (cache.clone(), fetches.clone(), rx.clone());
             tasks.push(tokio::spawn(async move {
                 cache
-                    .get(key("c", &["a"]), MinTtl::Default(Duration::from_secs(60)), || async move {
-                        fetches.fetch_add(1, Ordering::SeqCst);
-                        rx.wait_for(|go| *go).await.unwrap();
-                        Ok::<_, ()>(issued("shared", 3600))
-                    })
+                    .get(
+                        key("c", &["a"]),
+                        MinTtl::Default(Duration::from_secs(60)),
+                        || async move {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            rx.wait_for(|go| *go).await.unwrap();
+                            Ok::<_, ()>(issued("shared", 3600))
+                        },
+                    )
                     .await
                     .unwrap()
                     .0
@@ -333,7 +375,11 @@ mod tests {
         for i in 0..10 {
             let scope = format!("s{i}");
             cache
-                .get(key("c", &[&scope]), MinTtl::Default(Duration::from_secs(1)), || async { Ok::<_, ()>(issued("t", 100 + i)) })
+                .get(
+                    key("c", &[&scope]),
+                    MinTtl::Default(Duration::from_secs(1)),
+                    || async { Ok::<_, ()>(issued("t", 100 + i)) },
+                )
                 .await
                 .unwrap();
             assert!(cache.len() <= 3);

@@ -137,7 +137,12 @@ impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.errors.len();
         match &self.path {
-            Some(p) => write!(f, "{}: {n} error{}", p.display(), if n == 1 { "" } else { "s" })?,
+            Some(p) => write!(
+                f,
+                "{}: {n} error{}",
+                p.display(),
+                if n == 1 { "" } else { "s" }
+            )?,
             None => write!(f, "config: {n} error{}", if n == 1 { "" } else { "s" })?,
         }
         for e in &self.errors {
@@ -176,7 +181,10 @@ impl Config {
             Ok(t) => t,
             Err(e) => {
                 let e: toml::de::Error = e;
-                let at = e.span().map(|s| line_col(text, s.start)).unwrap_or_default();
+                let at = e
+                    .span()
+                    .map(|s| line_col(text, s.start))
+                    .unwrap_or_default();
                 errs.push("", format!("invalid TOML{at}: {}", e.message().trim()));
                 return Err(errs.into_result());
             }
@@ -185,7 +193,10 @@ impl Config {
         match t.get("version") {
             None => errs.push("version", "missing; this file format needs `version = 1`"),
             Some(Value::Integer(1)) => {}
-            Some(v) => errs.push("version", format!("unsupported version {v} (this credbrokerd reads 1)")),
+            Some(v) => errs.push(
+                "version",
+                format!("unsupported version {v} (this credbrokerd reads 1)"),
+            ),
         }
         let daemon = match t.get("daemon") {
             None => Some(DaemonConfig::defaults()),
@@ -193,16 +204,25 @@ impl Config {
         };
         let mut clients = BTreeMap::new();
         match t.get("clients") {
-            None => errs.push("clients", "no clients configured; add a [clients.NAME] table"),
+            None => errs.push(
+                "clients",
+                "no clients configured; add a [clients.NAME] table",
+            ),
             Some(v) => {
                 if let Some(table) = as_table(&mut errs, "clients", v) {
                     if table.is_empty() {
-                        errs.push("clients", "no clients configured; add a [clients.NAME] table");
+                        errs.push(
+                            "clients",
+                            "no clients configured; add a [clients.NAME] table",
+                        );
                     }
                     for (name, v) in table {
                         let key = format!("clients.{name}");
                         if !is_name(name) {
-                            errs.push(&key, "client names use letters, digits, '-', '_' and '.' (at most 64)");
+                            errs.push(
+                                &key,
+                                "client names use letters, digits, '-', '_' and '.' (at most 64)",
+                            );
                             continue;
                         }
                         if let Some(ct) = as_table(&mut errs, &key, v)
@@ -229,7 +249,10 @@ impl Config {
                         && let Some(p) = policy(&mut errs, &key, pt, &known_clients)
                     {
                         if !names.insert(p.name.clone()) {
-                            errs.push(format!("{key}.name"), format!("duplicate policy name {:?}", p.name));
+                            errs.push(
+                                format!("{key}.name"),
+                                format!("duplicate policy name {:?}", p.name),
+                            );
                         }
                         policies.push(p);
                     }
@@ -253,13 +276,22 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let d = &self.daemon;
-        let _ = writeln!(s, "socket: {} (mode {:04o}", d.socket.display(), d.socket_mode);
+        let _ = writeln!(
+            s,
+            "socket: {} (mode {:04o}",
+            d.socket.display(),
+            d.socket_mode
+        );
         s.pop();
         if let Some((g, gid)) = &d.socket_group {
             let _ = write!(s, ", group {g} ({gid})");
         }
         let _ = writeln!(s, ")");
-        let _ = writeln!(s, "default min ttl: {}", humantime::format_duration(d.default_min_ttl));
+        let _ = writeln!(
+            s,
+            "default min ttl: {}",
+            humantime::format_duration(d.default_min_ttl)
+        );
         let _ = writeln!(s, "clients: {}", self.clients.len());
         for c in self.clients.values() {
             let _ = writeln!(
@@ -390,7 +422,10 @@ fn string(errs: &mut Errors, key: &str, v: &Value) -> Option<String> {
         }
         Value::String(s) => Some(s.clone()),
         other => {
-            errs.push(key, format!("expected a string, found {}", type_name(other)));
+            errs.push(
+                key,
+                format!("expected a string, found {}", type_name(other)),
+            );
             None
         }
     }
@@ -431,7 +466,10 @@ fn id(errs: &mut Errors, key: &str, v: &Value) -> Option<u32> {
             }
         },
         other => {
-            errs.push(key, format!("expected an integer id, found {}", type_name(other)));
+            errs.push(
+                key,
+                format!("expected an integer id, found {}", type_name(other)),
+            );
             None
         }
     }
@@ -440,9 +478,14 @@ fn id(errs: &mut Errors, key: &str, v: &Value) -> Option<u32> {
 /// `"90"`, `"90s"`, `"5m"`, `"1h 30m"`, or an integer number of seconds.
 fn duration(errs: &mut Errors, key: &str, v: &Value) -> Option<Duration> {
     let parsed = match v {
-        Value::Integer(i) => u64::try_from(*i).map(Duration::from_secs).map_err(|_| "negative".to_owned()),
+        Value::Integer(i) => u64::try_from(*i)
+            .map(Duration::from_secs)
+            .map_err(|_| "negative".to_owned()),
         Value::String(s) => parse_duration(s),
-        other => Err(format!("expected a duration such as \"90s\" or \"5m\", found {}", type_name(other))),
+        other => Err(format!(
+            "expected a duration such as \"90s\" or \"5m\", found {}",
+            type_name(other)
+        )),
     };
     match parsed {
         Ok(d) if d.is_zero() => {
@@ -465,15 +508,20 @@ fn duration(errs: &mut Errors, key: &str, v: &Value) -> Option<Duration> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse().map(Duration::from_secs).map_err(|e| format!("{s:?}: {e}"));
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("{s:?}: {e}"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration such as \"90s\" or \"5m\": {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as \"90s\" or \"5m\": {e}"))
 }
 
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
@@ -538,20 +586,31 @@ fn client_config(
         None => false,
         Some(Value::Boolean(b)) => *b,
         Some(other) => {
-            errs.push(t.key("allow_http"), format!("expected true or false, found {}", type_name(other)));
+            errs.push(
+                t.key("allow_http"),
+                format!("expected true or false, found {}", type_name(other)),
+            );
             false
         }
     };
     if t.get("issuer").is_some() {
-        errs.push(t.key("issuer"), "OIDC discovery is not supported by this version; set token_url");
+        errs.push(
+            t.key("issuer"),
+            "OIDC discovery is not supported by this version; set token_url",
+        );
     }
     let token_url = match t.get("token_url") {
         None => {
-            errs.push(t.key("token_url"), "missing; the IdP's token endpoint, e.g. \"https://idp.example/oauth2/token\"");
+            errs.push(
+                t.key("token_url"),
+                "missing; the IdP's token endpoint, e.g. \"https://idp.example/oauth2/token\"",
+            );
             None
         }
         Some(v) => string(errs, &t.key("token_url"), v).and_then(|s| {
-            token_url(&s, allow_http).map_err(|e| errs.push(t.key("token_url"), e)).ok()
+            token_url(&s, allow_http)
+                .map_err(|e| errs.push(t.key("token_url"), e))
+                .ok()
         }),
     };
     let client_id = match t.get("client_id") {
@@ -563,7 +622,10 @@ fn client_config(
     };
     let secret = match t.get("client_secret") {
         None => {
-            errs.push(t.key("client_secret"), "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }");
+            errs.push(
+                t.key("client_secret"),
+                "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }",
+            );
             None
         }
         Some(v) => secret(errs, &t.key("client_secret"), v, env),
@@ -573,11 +635,17 @@ fn client_config(
         Some(Value::String(s)) if s == "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
         Some(Value::String(s)) if s == "client_secret_post" => Some(AuthMethod::ClientSecretPost),
         Some(Value::String(s)) if s == "private_key_jwt" => {
-            errs.push(t.key("auth_method"), "private_key_jwt is not supported by this version");
+            errs.push(
+                t.key("auth_method"),
+                "private_key_jwt is not supported by this version",
+            );
             None
         }
         Some(_) => {
-            errs.push(t.key("auth_method"), "expected \"client_secret_basic\" or \"client_secret_post\"");
+            errs.push(
+                t.key("auth_method"),
+                "expected \"client_secret_basic\" or \"client_secret_post\"",
+            );
             None
         }
     };
@@ -586,7 +654,10 @@ fn client_config(
         Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
         Some(Value::String(s)) if s == "raw" => BasicEncoding::Raw,
         Some(_) => {
-            errs.push(t.key("basic_encoding"), "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"");
+            errs.push(
+                t.key("basic_encoding"),
+                "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"",
+            );
             BasicEncoding::Form
         }
     };
@@ -594,7 +665,10 @@ fn client_config(
         && let Some(id) = &client_id
         && id.contains(':')
     {
-        errs.push(t.key("client_id"), "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"");
+        errs.push(
+            t.key("client_id"),
+            "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"",
+        );
     }
     let mut extra_params = Vec::new();
     if let Some(v) = t.get("extra_params") {
@@ -612,10 +686,12 @@ fn client_config(
     }
     let default_ttl = t
         .get("default_ttl")
-        .map_or(Some(Duration::from_secs(300)), |v| duration(errs, &t.key("default_ttl"), v));
-    let timeout = t
-        .get("timeout")
-        .map_or(Some(Duration::from_secs(10)), |v| duration(errs, &t.key("timeout"), v));
+        .map_or(Some(Duration::from_secs(300)), |v| {
+            duration(errs, &t.key("default_ttl"), v)
+        });
+    let timeout = t.get("timeout").map_or(Some(Duration::from_secs(10)), |v| {
+        duration(errs, &t.key("timeout"), v)
+    });
     t.finish(errs);
     if errs.0.len() != before {
         return None;
@@ -684,7 +760,13 @@ fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Optio
             return None;
         }
         other => {
-            errs.push(key, format!("expected {{ file = … }}, {{ credential = … }} or {{ env = … }}, found {}", type_name(other)));
+            errs.push(
+                key,
+                format!(
+                    "expected {{ file = … }}, {{ credential = … }} or {{ env = … }}, found {}",
+                    type_name(other)
+                ),
+            );
             return None;
         }
     };
@@ -703,7 +785,10 @@ fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Optio
         }
         "credential" if is_name(&value) => SecretSource::Credential(value),
         "credential" => {
-            errs.push(skey, "a credential name uses letters, digits, '-', '_' and '.'");
+            errs.push(
+                skey,
+                "a credential name uses letters, digits, '-', '_' and '.'",
+            );
             return None;
         }
         "env" => SecretSource::Env(value),
@@ -712,7 +797,9 @@ fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Optio
             return None;
         }
     };
-    Secret::load(source, env).map_err(|e| errs.push(key, e.to_string())).ok()
+    Secret::load(source, env)
+        .map_err(|e| errs.push(key, e.to_string()))
+        .ok()
 }
 
 fn policy(
@@ -725,21 +812,32 @@ fn policy(
     let mut t = Walk::new(prefix, table);
     let name = match t.get("name") {
         None => {
-            errs.push(t.key("name"), "missing; every policy needs a name for the audit log");
+            errs.push(
+                t.key("name"),
+                "missing; every policy needs a name for the audit log",
+            );
             None
         }
         Some(v) => string(errs, &t.key("name"), v),
     };
     let matcher = match t.get("match") {
         None => {
-            errs.push(t.key("match"), "missing; say which callers this policy is for (or { any = true })");
+            errs.push(
+                t.key("match"),
+                "missing; say which callers this policy is for (or { any = true })",
+            );
             None
         }
-        Some(v) => as_table(errs, &t.key("match"), v).and_then(|m| matcher(errs, &t.key("match"), m)),
+        Some(v) => {
+            as_table(errs, &t.key("match"), v).and_then(|m| matcher(errs, &t.key("match"), m))
+        }
     };
     let client_list = match t.get("client") {
         None => {
-            errs.push(t.key("client"), "missing; name the client (or clients) this policy grants");
+            errs.push(
+                t.key("client"),
+                "missing; name the client (or clients) this policy grants",
+            );
             None
         }
         Some(v) => one_or_list(errs, &t.key("client"), v, string),
@@ -747,21 +845,33 @@ fn policy(
     if let Some(list) = &client_list {
         for (i, c) in list.iter().enumerate() {
             if !clients.contains(c.as_str()) {
-                let key = if list.len() == 1 { t.key("client") } else { format!("{}[{i}]", t.key("client")) };
+                let key = if list.len() == 1 {
+                    t.key("client")
+                } else {
+                    format!("{}[{i}]", t.key("client"))
+                };
                 errs.push(key, format!("no client named {c:?} in [clients]"));
             }
         }
     }
     let scopes = match t.get("scopes") {
         None => {
-            errs.push(t.key("scopes"), "missing; list the scopes this policy allows");
+            errs.push(
+                t.key("scopes"),
+                "missing; list the scopes this policy allows",
+            );
             None
         }
         Some(v) => one_or_list(errs, &t.key("scopes"), v, |errs, key, v| {
             let s = string(errs, key, v)?;
             let p = ScopePattern::parse(&s);
             if p.is_none() {
-                errs.push(key, format!("{s:?} is not a scope (RFC 6749 scope-token), optionally ending in '*'"));
+                errs.push(
+                    key,
+                    format!(
+                        "{s:?} is not a scope (RFC 6749 scope-token), optionally ending in '*'"
+                    ),
+                );
             }
             p
         }),
@@ -780,7 +890,10 @@ fn policy(
 
 fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Matcher> {
     if table.is_empty() {
-        errs.push(prefix, "an empty match would match every caller; write { any = true } if you mean that");
+        errs.push(
+            prefix,
+            "an empty match would match every caller; write { any = true } if you mean that",
+        );
         return None;
     }
     let before = errs.0.len();
@@ -789,14 +902,27 @@ fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Match
     match t.get("any") {
         None => {}
         Some(Value::Boolean(true)) if table.len() == 1 => m.any = true,
-        Some(Value::Boolean(true)) => errs.push(t.key("any"), "any = true matches every caller; remove the other keys"),
+        Some(Value::Boolean(true)) => errs.push(
+            t.key("any"),
+            "any = true matches every caller; remove the other keys",
+        ),
         Some(_) => errs.push(t.key("any"), "only `any = true` is meaningful"),
     }
-    m.uid = t.get("uid").and_then(|v| one_or_list(errs, &t.key("uid"), v, id));
-    m.gid = t.get("gid").and_then(|v| one_or_list(errs, &t.key("gid"), v, id));
-    m.user = t.get("user").and_then(|v| one_or_list(errs, &t.key("user"), v, string));
-    m.group = t.get("group").and_then(|v| one_or_list(errs, &t.key("group"), v, string));
-    m.unit = t.get("unit").and_then(|v| one_or_list(errs, &t.key("unit"), v, string));
+    m.uid = t
+        .get("uid")
+        .and_then(|v| one_or_list(errs, &t.key("uid"), v, id));
+    m.gid = t
+        .get("gid")
+        .and_then(|v| one_or_list(errs, &t.key("gid"), v, id));
+    m.user = t
+        .get("user")
+        .and_then(|v| one_or_list(errs, &t.key("user"), v, string));
+    m.group = t
+        .get("group")
+        .and_then(|v| one_or_list(errs, &t.key("group"), v, string));
+    m.unit = t
+        .get("unit")
+        .and_then(|v| one_or_list(errs, &t.key("unit"), v, string));
     m.exe = t.get("exe").and_then(|v| {
         one_or_list(errs, &t.key("exe"), v, |errs, key, v| {
             let s = string(errs, key, v)?;
@@ -836,7 +962,13 @@ mod tests {
 
         fn parse(&self, text: &str) -> Result<Config, ConfigErrors> {
             let text = text.replace("SECRET_FILE", &self.secret_path());
-            Config::parse(&text, &SecretEnv { credentials_dir: None, var: &|_| None })
+            Config::parse(
+                &text,
+                &SecretEnv {
+                    credentials_dir: None,
+                    var: &|_| None,
+                },
+            )
         }
     }
 
@@ -866,7 +998,10 @@ scopes = ["scim:read", "internal_*"]
         assert_eq!(idp.secret.expose(), "s3cr3t-value");
         assert_eq!(idp.auth_method, AuthMethod::ClientSecretBasic);
         assert_eq!(idp.timeout, Duration::from_secs(10));
-        assert_eq!(c.policies.policies()[0].matcher.exe.as_ref().unwrap().len(), 2);
+        assert_eq!(
+            c.policies.policies()[0].matcher.exe.as_ref().unwrap().len(),
+            2
+        );
         let summary = c.summary();
         assert!(summary.contains("client_id=broker"), "{summary}");
         assert!(!summary.contains("s3cr3t"), "{summary}");
@@ -911,7 +1046,9 @@ scopes = ["a b"]
     #[test]
     fn syntax_errors_name_the_place_but_not_the_line() {
         let f = Fixture::new();
-        let errs = f.parse("version = 1\nclient_secret = \"oops-secret\n").unwrap_err();
+        let errs = f
+            .parse("version = 1\nclient_secret = \"oops-secret\n")
+            .unwrap_err();
         let msg = errs.to_string();
         assert!(msg.contains("line 2"), "{msg}");
         assert!(!msg.contains("oops-secret"), "{msg}");
@@ -922,7 +1059,9 @@ scopes = ["a b"]
         let f = Fixture::new();
         let errs = f.parse(&GOOD.replace("version = 1", "")).unwrap_err();
         assert_eq!(errs.errors[0].key, "version");
-        let errs = f.parse(&GOOD.replace("version = 1", "version = 2")).unwrap_err();
+        let errs = f
+            .parse(&GOOD.replace("version = 1", "version = 2"))
+            .unwrap_err();
         assert!(errs.errors[0].message.contains("unsupported version 2"));
     }
 
@@ -937,7 +1076,10 @@ scopes = ["a b"]
     #[test]
     fn any_must_be_written_on_purpose() {
         let f = Fixture::new();
-        let c = f.parse(&GOOD.replace("{ user = \"billing\", exe = [\"/usr/bin/a\", \"/usr/bin/b\"] }", "{ any = true }"));
+        let c = f.parse(&GOOD.replace(
+            "{ user = \"billing\", exe = [\"/usr/bin/a\", \"/usr/bin/b\"] }",
+            "{ any = true }",
+        ));
         assert!(c.unwrap().policies.policies()[0].matcher.any);
         let errs = f
             .parse(&GOOD.replace("{ user = \"billing\",", "{ any = true, user = \"billing\","))

@@ -35,7 +35,10 @@ impl Connection {
     /// # Errors
     /// [`PeerError`] when the peer's credentials were unreadable, it is not visible, or it has exited.
     pub async fn caller(self: &Arc<Self>, proc_root: &Arc<Path>) -> Result<Arc<Caller>, PeerError> {
-        let peer = self.peer.as_ref().map_err(|e| PeerError::Credentials(std::io::Error::other(e.clone())))?;
+        let peer = self
+            .peer
+            .as_ref()
+            .map_err(|e| PeerError::Credentials(std::io::Error::other(e.clone())))?;
         let caller = self
             .caller
             .get_or_try_init(|| {

@@ -55,7 +55,9 @@ impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::Scopes(_) | Error::InvalidRequest(_) | Error::LifetimeTooShort { .. } => Code::InvalidArgument,
+            Error::Scopes(_) | Error::InvalidRequest(_) | Error::LifetimeTooShort { .. } => {
+                Code::InvalidArgument
+            }
             Error::Refused(r) if r.is_denial() => Code::PermissionDenied,
             Error::Refused(_) => Code::InvalidArgument,
             Error::Upstream { source, .. } if source.is_transient() => Code::Unavailable,

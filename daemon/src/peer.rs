@@ -248,8 +248,10 @@ mod tests {
             Some("session-3.scope")
         );
         assert_eq!(
-            unit_from_cgroup("0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\n")
-                .as_deref(),
+            unit_from_cgroup(
+                "0::/user.slice/user-1000.slice/user@1000.service/app.slice/x.service\n"
+            )
+            .as_deref(),
             Some("user@1000.service")
         );
     }

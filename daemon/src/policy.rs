@@ -155,14 +155,21 @@ impl PolicySet {
         if !client.is_empty() && !is_client(client) {
             return Err(Refusal::UnknownClient(client.to_owned()));
         }
-        let matching: Vec<&Policy> = self.policies.iter().filter(|p| p.matcher.matches(caller)).collect();
+        let matching: Vec<&Policy> = self
+            .policies
+            .iter()
+            .filter(|p| p.matcher.matches(caller))
+            .collect();
         if matching.is_empty() {
             return Err(Refusal::NoPolicy {
                 caller: caller.to_string(),
             });
         }
         let client = if client.is_empty() {
-            let mut named: Vec<String> = matching.iter().flat_map(|p| p.clients.iter().cloned()).collect();
+            let mut named: Vec<String> = matching
+                .iter()
+                .flat_map(|p| p.clients.iter().cloned())
+                .collect();
             named.sort_unstable();
             named.dedup();
             match named.len() {
@@ -259,7 +266,10 @@ mod tests {
             name: name.to_owned(),
             matcher,
             clients: clients.iter().map(|c| (*c).to_owned()).collect(),
-            scopes: scopes.iter().map(|s| ScopePattern::parse(s).unwrap()).collect(),
+            scopes: scopes
+                .iter()
+                .map(|s| ScopePattern::parse(s).unwrap())
+                .collect(),
         }
     }
 
@@ -273,7 +283,12 @@ mod tests {
 
     #[test]
     fn all_match_keys_must_match() {
-        let billing = caller(1001, "billing", &[(1001, "billing"), (50, "staff")], "/usr/local/bin/sync");
+        let billing = caller(
+            1001,
+            "billing",
+            &[(1001, "billing"), (50, "staff")],
+            "/usr/local/bin/sync",
+        );
         let m = Matcher {
             user: Some(vec!["billing".into()]),
             exe: Some(vec!["/usr/local/bin/sync".into()]),
@@ -308,11 +323,21 @@ mod tests {
         };
         let ps = PolicySet::new(vec![
             policy("read", by_user("billing"), &["idp"], &["scim:read"]),
-            policy("mgt", by_user("billing"), &["idp"], &["internal_user_mgt_*"]),
+            policy(
+                "mgt",
+                by_user("billing"),
+                &["idp"],
+                &["internal_user_mgt_*"],
+            ),
             policy("someone-else", by_user("ops"), &["idp"], &["scim:write"]),
         ]);
         let ok = ps
-            .authorize(&c, "", &set(&["scim:read", "internal_user_mgt_view"]), known)
+            .authorize(
+                &c,
+                "",
+                &set(&["scim:read", "internal_user_mgt_view"]),
+                known,
+            )
             .unwrap();
         assert_eq!(ok.client, "idp");
         assert_eq!(ok.policies, ["mgt", "read"]);
@@ -351,7 +376,12 @@ mod tests {
             ps.authorize(&c, "other", &set(&["x"]), known),
             Err(Refusal::ScopeNotAllowed { .. })
         ));
-        assert_eq!(ps.authorize(&c, "other", &set(&["y"]), known).unwrap().client, "other");
+        assert_eq!(
+            ps.authorize(&c, "other", &set(&["y"]), known)
+                .unwrap()
+                .client,
+            "other"
+        );
         let grants = ps.grants(&c);
         assert_eq!(grants["idp"], ["x"]);
         assert_eq!(grants["other"], ["y"]);

@@ -32,7 +32,9 @@ pub enum ScopeError {
         len: usize,
     },
     /// A scope that is not a `scope-token` (spaces, quotes, backslashes, control or non-ASCII characters).
-    #[error("{0:?} is not a valid OAuth scope (RFC 6749 §3.3: printable ASCII without space, '\"' or '\\')")]
+    #[error(
+        "{0:?} is not a valid OAuth scope (RFC 6749 §3.3: printable ASCII without space, '\"' or '\\')"
+    )]
     Invalid(String),
 }
 
@@ -147,7 +149,9 @@ impl ScopePattern {
     /// Parses a policy scope: a scope-token, optionally ending in one `*` that makes it a prefix.
     pub fn parse(s: &str) -> Option<Self> {
         match s.strip_suffix('*') {
-            Some(prefix) if !prefix.contains('*') && (prefix.is_empty() || is_scope_token(prefix)) => {
+            Some(prefix)
+                if !prefix.contains('*') && (prefix.is_empty() || is_scope_token(prefix)) =>
+            {
                 Some(Self::Prefix(prefix.to_owned()))
             }
             Some(_) => None,
@@ -180,7 +184,13 @@ mod tests {
 
     #[test]
     fn scope_tokens_follow_rfc6749() {
-        for ok in ["openid", "scim:read", "internal_user_mgt_view", "api://app/.default", "a!#[]~"] {
+        for ok in [
+            "openid",
+            "scim:read",
+            "internal_user_mgt_view",
+            "api://app/.default",
+            "a!#[]~",
+        ] {
             assert!(is_scope_token(ok), "{ok}");
         }
         for bad in ["", "a b", "a\"b", "a\\b", "a\tb", "é", "a\u{7f}"] {
@@ -199,11 +209,20 @@ mod tests {
     #[test]
     fn bad_lists_are_refused() {
         assert_eq!(ScopeSet::parse::<&str>(&[]), Err(ScopeError::Empty));
-        assert_eq!(ScopeSet::parse(&["a b"]), Err(ScopeError::Invalid("a b".into())));
+        assert_eq!(
+            ScopeSet::parse(&["a b"]),
+            Err(ScopeError::Invalid("a b".into()))
+        );
         let long = "x".repeat(MAX_SCOPE_LEN + 1);
-        assert!(matches!(ScopeSet::parse(&[long]), Err(ScopeError::TooLong { .. })));
+        assert!(matches!(
+            ScopeSet::parse(&[long]),
+            Err(ScopeError::TooLong { .. })
+        ));
         let many: Vec<String> = (0..=MAX_SCOPES).map(|i| format!("s{i}")).collect();
-        assert_eq!(ScopeSet::parse(&many), Err(ScopeError::TooMany(MAX_SCOPES + 1)));
+        assert_eq!(
+            ScopeSet::parse(&many),
+            Err(ScopeError::TooMany(MAX_SCOPES + 1))
+        );
     }
 
     #[test]

@@ -235,7 +235,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "s", "x", 0o644);
         let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
-        assert!(matches!(err, SecretError::WorldReadable { mode: 0o644, .. }), "{err}");
+        assert!(
+            matches!(err, SecretError::WorldReadable { mode: 0o644, .. }),
+            "{err}"
+        );
         let p = write(dir.path(), "e", "\n", 0o600);
         let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
         assert!(matches!(err, SecretError::Empty(_)), "{err}");

@@ -70,10 +70,13 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, Bi
             .map_err(|e| io_err("cannot create the directory of", e))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(BindError::InUse(path.to_owned())),
-            Err(_) => std::fs::remove_file(path).map_err(|e| io_err("cannot remove the stale socket", e))?,
-        },
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(BindError::InUse(path.to_owned())),
+                Err(_) => std::fs::remove_file(path)
+                    .map_err(|e| io_err("cannot remove the stale socket", e))?,
+            }
+        }
         Ok(_) => return Err(BindError::NotASocket(path.to_owned())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", e)),
@@ -82,7 +85,8 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, Bi
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("cannot set the mode of", e))?;
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| io_err("cannot set the group of", e))?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| io_err("cannot set the group of", e))?;
     }
     Ok(listener)
 }
@@ -103,13 +107,21 @@ impl Connected for PeerStream {
 }
 
 impl AsyncRead for PeerStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PeerStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 

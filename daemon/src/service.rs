@@ -36,7 +36,12 @@ pub struct Broker {
 
 impl Broker {
     /// A broker serving `config`. `proc_root` is `/proc` outside tests.
-    pub fn new(config: Arc<Config>, upstream: Upstream, cache: TokenCache, proc_root: &Path) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        upstream: Upstream,
+        cache: TokenCache,
+        proc_root: &Path,
+    ) -> Self {
         Self {
             config,
             cache,
@@ -45,17 +50,30 @@ impl Broker {
         }
     }
 
-    async fn caller<T>(&self, request: &Request<T>) -> Result<(Arc<Connection>, Arc<Caller>), Error> {
+    async fn caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Arc<Connection>, Arc<Caller>), Error> {
         let conn = request
             .extensions()
             .get::<Arc<Connection>>()
             .cloned()
-            .ok_or_else(|| Error::Unauthenticated(PeerError::Credentials(std::io::Error::other("not a Unix socket peer"))))?;
-        let caller = conn.caller(&self.proc_root).await.map_err(Error::Unauthenticated)?;
+            .ok_or_else(|| {
+                Error::Unauthenticated(PeerError::Credentials(std::io::Error::other(
+                    "not a Unix socket peer",
+                )))
+            })?;
+        let caller = conn
+            .caller(&self.proc_root)
+            .await
+            .map_err(Error::Unauthenticated)?;
         Ok((conn, caller))
     }
 
-    async fn token(&self, request: Request<pb::GetTokenRequest>) -> Result<pb::GetTokenResponse, Error> {
+    async fn token(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<pb::GetTokenResponse, Error> {
         let (conn, caller) = match self.caller(&request).await {
             Ok(c) => c,
             Err(e) => {
@@ -88,7 +106,9 @@ impl Broker {
         let allowed = self
             .config
             .policies
-            .authorize(&caller, &req.client, &scopes, |c| self.config.clients.contains_key(c))
+            .authorize(&caller, &req.client, &scopes, |c| {
+                self.config.clients.contains_key(c)
+            })
             .map_err(|r| deny(Error::Refused(r)))?;
         let client = self.config.clients[&allowed.client].clone();
 
@@ -135,7 +155,10 @@ impl Broker {
         })
     }
 
-    async fn whoami(&self, request: Request<pb::WhoAmIRequest>) -> Result<pb::WhoAmIResponse, Error> {
+    async fn whoami(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<pb::WhoAmIResponse, Error> {
         let (_, caller) = self.caller(&request).await?;
         let grants = self
             .config
@@ -151,7 +174,11 @@ impl Broker {
                 pid: caller.pid,
                 user: caller.user.clone().unwrap_or_default(),
                 groups: caller.groups.clone(),
-                exe: caller.exe.as_ref().map(|e| e.display().to_string()).unwrap_or_default(),
+                exe: caller
+                    .exe
+                    .as_ref()
+                    .map(|e| e.display().to_string())
+                    .unwrap_or_default(),
                 unit: caller.unit.clone().unwrap_or_default(),
             }),
             grants,
@@ -191,13 +218,19 @@ impl pb::token_broker_server::TokenBroker for Broker {
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        self.token(request).await.map(Response::new).map_err(Status::from)
+        self.token(request)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        self.whoami(request).await.map(Response::new).map_err(Status::from)
+        self.whoami(request)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 }

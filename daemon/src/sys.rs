@@ -160,7 +160,8 @@ pub fn user_name(uid: u32) -> Option<String> {
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         // SAFETY: every pointer refers to memory we own for the duration of the call; strings land in `buf`.
-        let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
         if rc != 0 {
             return Err(rc);
         }
@@ -168,7 +169,11 @@ pub fn user_name(uid: u32) -> Option<String> {
             return Ok(None);
         }
         // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
-        Ok(Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned()))
+        Ok(Some(
+            unsafe { CStr::from_ptr(pwd.pw_name) }
+                .to_string_lossy()
+                .into_owned(),
+        ))
     })
 }
 
@@ -179,7 +184,8 @@ pub fn group_name(gid: u32) -> Option<String> {
         let mut grp: libc::group = unsafe { std::mem::zeroed() };
         let mut result: *mut libc::group = std::ptr::null_mut();
         // SAFETY: every pointer refers to memory we own for the duration of the call; strings land in `buf`.
-        let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
+        let rc =
+            unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) };
         if rc != 0 {
             return Err(rc);
         }
@@ -187,7 +193,11 @@ pub fn group_name(gid: u32) -> Option<String> {
             return Ok(None);
         }
         // SAFETY: on success gr_name points to a NUL-terminated string inside `buf`.
-        Ok(Some(unsafe { CStr::from_ptr(grp.gr_name) }.to_string_lossy().into_owned()))
+        Ok(Some(
+            unsafe { CStr::from_ptr(grp.gr_name) }
+                .to_string_lossy()
+                .into_owned(),
+        ))
     })
 }
 
@@ -200,7 +210,13 @@ pub fn group_id(name: &str) -> Option<u32> {
         let mut result: *mut libc::group = std::ptr::null_mut();
         // SAFETY: every pointer refers to memory we own for the duration of the call.
         let rc = unsafe {
-            libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+            libc::getgrnam_r(
+                cname.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
         };
         if rc != 0 {
             return Err(rc);
@@ -210,7 +226,9 @@ pub fn group_id(name: &str) -> Option<u32> {
 }
 
 /// Runs an NSS `*_r` look-up with a buffer that grows on `ERANGE`; other errors read as "not found".
-fn with_buffer<T>(mut lookup: impl FnMut(&mut [libc::c_char]) -> Result<Option<T>, i32>) -> Option<T> {
+fn with_buffer<T>(
+    mut lookup: impl FnMut(&mut [libc::c_char]) -> Result<Option<T>, i32>,
+) -> Option<T> {
     let mut size = 1024;
     loop {
         let mut buf = vec![0 as libc::c_char; size];

@@ -137,7 +137,11 @@ impl Upstream {
     ///
     /// # Errors
     /// [`UpstreamError`]: see its variants.
-    pub async fn fetch(&self, client: &ClientConfig, scopes: &ScopeSet) -> Result<Issued, UpstreamError> {
+    pub async fn fetch(
+        &self,
+        client: &ClientConfig,
+        scopes: &ScopeSet,
+    ) -> Result<Issued, UpstreamError> {
         let mut request = self
             .http
             .post(client.token_url.clone())
@@ -149,7 +153,10 @@ impl Upstream {
         }
         let request = request.body(form_body(client, scopes).as_bytes().to_vec());
 
-        let response = request.send().await.map_err(|e| transport_error(&e, client.timeout))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(&e, client.timeout))?;
         let received_at = Instant::now();
         let status = response.status();
         let retry_after = response
@@ -180,7 +187,9 @@ impl Upstream {
                     description,
                 })
             }
-            s => Err(UpstreamError::InvalidResponse(format!("unexpected HTTP status {s}"))),
+            s => Err(UpstreamError::InvalidResponse(format!(
+                "unexpected HTTP status {s}"
+            ))),
         }
     }
 }
@@ -204,7 +213,11 @@ fn form_body(client: &ClientConfig, scopes: &ScopeSet) -> Zeroizing<String> {
 fn basic_header(client: &ClientConfig) -> HeaderValue {
     let secret = client.secret.expose();
     let pair: Zeroizing<String> = Zeroizing::new(match client.basic_encoding {
-        BasicEncoding::Form => format!("{}:{}", form_encode(&client.client_id).as_str(), form_encode(secret).as_str()),
+        BasicEncoding::Form => format!(
+            "{}:{}",
+            form_encode(&client.client_id).as_str(),
+            form_encode(secret).as_str()
+        ),
         BasicEncoding::Raw => format!("{}:{secret}", client.client_id),
     });
     let value = Zeroizing::new(format!(
@@ -275,7 +288,12 @@ fn parse_token(
         let what = if body.first().is_some_and(|b| *b == b'<') || content_type.contains("html") {
             "an HTML page, not JSON".to_owned()
         } else {
-            format!("not a JSON token response ({:?} error at line {}, column {})", e.classify(), e.line(), e.column())
+            format!(
+                "not a JSON token response ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            )
         };
         UpstreamError::InvalidResponse(format!("{what} (content-type {content_type:?})"))
     })?;
@@ -283,14 +301,21 @@ fn parse_token(
         .access_token
         .ok_or_else(|| UpstreamError::InvalidResponse("no access_token".to_owned()))?;
     let token = access_token.expose_secret();
-    if token.is_empty() || token.len() > MAX_TOKEN_LEN || !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+    if token.is_empty()
+        || token.len() > MAX_TOKEN_LEN
+        || !token.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    {
         return Err(UpstreamError::InvalidResponse(format!(
             "access_token must be 1 to {MAX_TOKEN_LEN} printable ASCII characters"
         )));
     }
     let token_type = match raw.token_type {
         Some(t) if !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()) => t,
-        Some(_) => return Err(UpstreamError::InvalidResponse("token_type is not a token type".to_owned())),
+        Some(_) => {
+            return Err(UpstreamError::InvalidResponse(
+                "token_type is not a token type".to_owned(),
+            ));
+        }
         None => return Err(UpstreamError::InvalidResponse("no token_type".to_owned())),
     };
     let (lifetime, assumed_lifetime) = match raw.expires_in {
@@ -299,8 +324,9 @@ fn parse_token(
     };
     let granted = match raw.scope.as_deref().map(str::trim) {
         None | Some("") => requested.clone(),
-        Some(s) => ScopeSet::parse_delimited(s)
-            .ok_or_else(|| UpstreamError::InvalidResponse("scope is not a list of scope-tokens".to_owned()))?,
+        Some(s) => ScopeSet::parse_delimited(s).ok_or_else(|| {
+            UpstreamError::InvalidResponse("scope is not a list of scope-tokens".to_owned())
+        })?,
     };
     let extra: Vec<String> = granted.difference(requested).map(str::to_owned).collect();
     if !extra.is_empty() {
@@ -324,9 +350,15 @@ fn parse_expires_in(v: &serde_json::Value) -> Result<Duration, UpstreamError> {
         _ => None,
     };
     match secs {
-        Some(s) if s.is_finite() && s >= 1.0 => Ok(Duration::from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64()))),
-        Some(_) => Err(UpstreamError::InvalidResponse("expires_in is not a positive number of seconds".to_owned())),
-        None => Err(UpstreamError::InvalidResponse("expires_in is not a number".to_owned())),
+        Some(s) if s.is_finite() && s >= 1.0 => {
+            Ok(Duration::from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64())))
+        }
+        Some(_) => Err(UpstreamError::InvalidResponse(
+            "expires_in is not a positive number of seconds".to_owned(),
+        )),
+        None => Err(UpstreamError::InvalidResponse(
+            "expires_in is not a number".to_owned(),
+        )),
     }
 }
 
@@ -338,7 +370,10 @@ fn parse_error(body: &[u8]) -> (Option<String>, Option<String>) {
         error_description: Option<String>,
     }
     if let Ok(e) = serde_json::from_slice::<RawError>(body) {
-        return (e.error.and_then(|c| sanitize(&c, 64)), e.error_description.and_then(|d| sanitize(&d, 256)));
+        return (
+            e.error.and_then(|c| sanitize(&c, 64)),
+            e.error_description.and_then(|d| sanitize(&d, 256)),
+        );
     }
     let text = String::from_utf8_lossy(body);
     if text.contains("error=") && !text.contains('<') {
@@ -401,17 +436,29 @@ mod tests {
 
     #[test]
     fn expires_in_as_number_or_string() {
-        assert_eq!(parse_expires_in(&serde_json::json!(3600)).unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_expires_in(&serde_json::json!("120")).unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_expires_in(&serde_json::json!(3600)).unwrap(),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            parse_expires_in(&serde_json::json!("120")).unwrap(),
+            Duration::from_secs(120)
+        );
         assert!(parse_expires_in(&serde_json::json!(0)).is_err());
         assert!(parse_expires_in(&serde_json::json!("soon")).is_err());
-        assert_eq!(parse_expires_in(&serde_json::json!(1e12)).unwrap(), MAX_LIFETIME);
+        assert_eq!(
+            parse_expires_in(&serde_json::json!(1e12)).unwrap(),
+            MAX_LIFETIME
+        );
     }
 
     #[test]
     fn error_bodies_are_parsed_leniently() {
         let (c, d) = parse_error(br#"{"error":"invalid_scope","error_description":"nope"}"#);
-        assert_eq!((c.as_deref(), d.as_deref()), (Some("invalid_scope"), Some("nope")));
+        assert_eq!(
+            (c.as_deref(), d.as_deref()),
+            (Some("invalid_scope"), Some("nope"))
+        );
         let (c, _) = parse_error(b"error=invalid_client&error_description=bad+secret");
         assert_eq!(c.as_deref(), Some("invalid_client"));
         let (c, d) = parse_error(b"<html><body>Forbidden</body></html>");
@@ -422,14 +469,20 @@ mod tests {
 
     #[test]
     fn secrets_are_scrubbed_from_descriptions() {
-        assert_eq!(scrub("bad secret 'p@ss w'", "p@ss w"), "bad secret '[redacted]'");
+        assert_eq!(
+            scrub("bad secret 'p@ss w'", "p@ss w"),
+            "bad secret '[redacted]'"
+        );
         assert_eq!(scrub("got p%40ss+w", "p@ss w"), "got [redacted]");
     }
 
     #[test]
     fn retry_after_in_both_forms() {
         let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:50:37 GMT", now),
             Some(Duration::from_secs(60))

@@ -99,7 +99,9 @@ impl StandInIdp {
     /// # Panics
     /// If the port cannot be bound.
     pub async fn start(port: u16, clients: Vec<Registration>) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind the stand-in IdP");
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the stand-in IdP");
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(State {
             clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
@@ -138,13 +140,18 @@ impl StandInIdp {
 
     /// Every token issued so far.
     pub fn issued_tokens(&self) -> Vec<String> {
-        self.requests().into_iter().filter_map(|r| r.token).collect()
+        self.requests()
+            .into_iter()
+            .filter_map(|r| r.token)
+            .collect()
     }
 }
 
 async fn serve(listener: TcpListener, state: Arc<State>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(req, state.clone()));
@@ -171,7 +178,10 @@ fn oauth_error(status: StatusCode, code: &str, description: &str) -> Resp {
     let body = serde_json::json!({ "error": code, "error_description": description }).to_string();
     let mut r = respond(status, "application/json", body);
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert("www-authenticate", "Basic realm=\"stand-in\"".parse().unwrap());
+        r.headers_mut().insert(
+            "www-authenticate",
+            "Basic realm=\"stand-in\"".parse().unwrap(),
+        );
     }
     r
 }
@@ -179,7 +189,9 @@ fn oauth_error(status: StatusCode, code: &str, description: &str) -> Resp {
 fn form_decode(s: &str) -> Option<String> {
     // RFC 6749 §2.3.1: the id and secret inside Basic are application/x-www-form-urlencoded.
     let pair = format!("v={s}");
-    form_urlencoded::parse(pair.as_bytes()).next().map(|(_, v)| v.into_owned())
+    form_urlencoded::parse(pair.as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
 }
 
 fn basic_credentials(req: &Request<Incoming>) -> Option<Option<(String, String)>> {
@@ -187,7 +199,9 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<Option<(String, String)>
     let Some(b64) = value.strip_prefix("Basic ") else {
         return Some(None);
     };
-    let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok();
     let text = decoded.and_then(|d| String::from_utf8(d).ok());
     Some(text.and_then(|t| {
         let (id, secret) = t.split_once(':')?;
@@ -206,7 +220,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let basic = basic_credentials(&req);
     let Ok(body) = Limited::new(req.into_body(), 64 * 1024).collect().await else {
-        return Ok(oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "body too large"));
+        return Ok(oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "body too large",
+        ));
     };
     let body = body.to_bytes();
     let params: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
@@ -225,7 +243,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
         client_id: creds.as_ref().map(|c| c.0.clone()).unwrap_or_default(),
         auth,
         scope: param("scope").unwrap_or_default(),
-        params: params.iter().filter(|(k, _)| k != "client_secret").cloned().collect(),
+        params: params
+            .iter()
+            .filter(|(k, _)| k != "client_secret")
+            .cloned()
+            .collect(),
         token: None,
     };
     let fault = state.fault.lock().unwrap().clone();
@@ -247,40 +269,82 @@ async fn decide(
     match fault {
         Fault::Status(s) => {
             let status = StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return respond(status, "text/html", "<html><body><h1>Bad Gateway</h1></body></html>");
+            return respond(
+                status,
+                "text/html",
+                "<html><body><h1>Bad Gateway</h1></body></html>",
+            );
         }
         Fault::RateLimited(after) => {
-            let mut r = oauth_error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "slow down");
-            r.headers_mut().insert("retry-after", after.parse().unwrap());
+            let mut r = oauth_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "slow down",
+            );
+            r.headers_mut()
+                .insert("retry-after", after.parse().unwrap());
             return r;
         }
         Fault::Slow(d) => tokio::time::sleep(*d).await,
-        Fault::HtmlOk => return respond(StatusCode::OK, "text/html", "<html><body>Sign in</body></html>"),
+        Fault::HtmlOk => {
+            return respond(
+                StatusCode::OK,
+                "text/html",
+                "<html><body>Sign in</body></html>",
+            );
+        }
         Fault::EmptyForbidden => return respond(StatusCode::FORBIDDEN, "text/plain", ""),
         _ => {}
     }
     if !form_type {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "expected a form body");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "expected a form body",
+        );
     }
     if param("grant_type").as_deref() != Some("client_credentials") {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "only client_credentials");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "only client_credentials",
+        );
     }
     if auth == "both" {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "client authentication by two methods");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "client authentication by two methods",
+        );
     }
     let Some((id, secret)) = creds else {
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed");
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
     };
     if *fault == Fault::EchoSecret {
         let description = format!("client authentication failed for secret '{secret}'");
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &description);
     }
     let Some(reg) = state.clients.get(&id).filter(|r| r.secret == secret) else {
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "client authentication failed");
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
     };
     let requested: Vec<&str> = record.scope.split(' ').filter(|s| !s.is_empty()).collect();
-    if let Some(bad) = requested.iter().find(|s| !reg.scopes.iter().any(|a| a == *s)) {
-        return oauth_error(StatusCode::BAD_REQUEST, "invalid_scope", &format!("scope {bad} is not allowed"));
+    if let Some(bad) = requested
+        .iter()
+        .find(|s| !reg.scopes.iter().any(|a| a == *s))
+    {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            &format!("scope {bad} is not allowed"),
+        );
     }
     let token = uuid::Uuid::new_v4().to_string();
     record.token = Some(token.clone());

@@ -24,7 +24,10 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -42,8 +45,12 @@ pub struct TestDir {
 impl TestDir {
     /// A new, empty directory (mode 0755).
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("credbroker-test").tempdir().expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let dir = tempfile::Builder::new()
+            .prefix("credbroker-test")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         Self { dir }
     }
 
@@ -115,7 +122,8 @@ impl Daemon {
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
         if opts.run_as.is_some() {
-            std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+            std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777))
+                .expect("chmod");
         }
         let log = dir.path().join("daemon.log");
         let log_file = std::fs::File::create(&log).expect("log file");
@@ -190,7 +198,10 @@ impl Daemon {
     /// Sends SIGTERM and waits for the exit status.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.pid();
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         tokio::time::timeout(WAIT, self.child.wait())
             .await
             .expect("credbrokerd did not exit after SIGTERM")

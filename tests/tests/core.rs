@@ -13,7 +13,12 @@ use credbroker_tests::{Daemon, DaemonOptions, TestDir, WAIT, bin, check_config};
 const NOBODY: (u32, u32) = (65534, 65534);
 /// Needs RFC 6749 §2.3.1 form-encoding inside Basic: '+', ':', '%', ' ' and '&'.
 const SECRET: &str = "s3cr3t+with:special%chars &more";
-const SCOPES: [&str; 4] = ["scim:read", "scim:write", "internal_user_mgt_view", "internal_user_mgt_list"];
+const SCOPES: [&str; 4] = [
+    "scim:read",
+    "scim:write",
+    "internal_user_mgt_view",
+    "internal_user_mgt_list",
+];
 
 struct Setup {
     dir: TestDir,
@@ -96,7 +101,10 @@ async fn an_allowed_caller_gets_the_issued_token_minted_with_exactly_its_scopes(
     let d = s.daemon().await;
     let mut c = d.client().await;
 
-    let token = c.token(["scim:write", "scim:read", "scim:read"]).await.unwrap();
+    let token = c
+        .token(["scim:write", "scim:read", "scim:read"])
+        .await
+        .unwrap();
     let issued = s.idp.issued_tokens();
     assert_eq!(issued.len(), 1);
     assert_eq!(token.access_token().expose_secret(), issued[0]);
@@ -108,7 +116,10 @@ async fn an_allowed_caller_gets_the_issued_token_minted_with_exactly_its_scopes(
     let req = &s.idp.requests()[0];
     assert_eq!(req.scope, "scim:read scim:write");
     assert_eq!((req.auth, req.client_id.as_str()), ("basic", "broker"));
-    assert!(req.params.contains(&("grant_type".into(), "client_credentials".into())));
+    assert!(
+        req.params
+            .contains(&("grant_type".into(), "client_credentials".into()))
+    );
 
     // Same set in another order: served from the cache, no IdP request.
     let again = c.token(["scim:read", "scim:write"]).await.unwrap();
@@ -158,13 +169,31 @@ async fn a_caller_running_as_another_uid_is_judged_by_the_kernel_not_by_what_it_
 async fn cli_formats_and_pasted_scope_strings() {
     let s = Setup::new().await;
     let d = s.daemon().await;
-    let out = d.cli(None, &["token", "--format", "header", "scim:read scim:write"]).await;
+    let out = d
+        .cli(
+            None,
+            &["token", "--format", "header", "scim:read scim:write"],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let token = &s.idp.issued_tokens()[0];
     assert_eq!(stdout(&out), format!("Authorization: Bearer {token}"));
     assert_eq!(s.idp.requests()[0].scope, "scim:read scim:write");
 
-    let out = d.cli(None, &["token", "--format", "json", "-c", "idp", "scim:write", "scim:read"]).await;
+    let out = d
+        .cli(
+            None,
+            &[
+                "token",
+                "--format",
+                "json",
+                "-c",
+                "idp",
+                "scim:write",
+                "scim:read",
+            ],
+        )
+        .await;
     let j: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(j["access_token"], token.as_str());
     assert_eq!(j["token_type"], "Bearer");
@@ -177,7 +206,11 @@ async fn cli_formats_and_pasted_scope_strings() {
 #[tokio::test]
 async fn client_secret_post_and_raw_basic_are_sent_as_configured() {
     let s = Setup::new().await;
-    let d = Daemon::start(&s.dir, &s.config_with("auth_method = \"client_secret_post\"", "")).await;
+    let d = Daemon::start(
+        &s.dir,
+        &s.config_with("auth_method = \"client_secret_post\"", ""),
+    )
+    .await;
     d.client().await.token(["scim:read"]).await.unwrap();
     let req = &s.idp.requests()[0];
     assert_eq!((req.auth, req.client_id.as_str()), ("post", "broker"));
@@ -202,7 +235,10 @@ token_url = "http://127.0.0.1:9/token"
 client_id = "x"
 client_secret = { file = "SECRET_FILE" }
 "#;
-    let tail = tail.replace("SECRET_FILE", &s.dir.path().join("idp.secret").display().to_string());
+    let tail = tail.replace(
+        "SECRET_FILE",
+        &s.dir.path().join("idp.secret").display().to_string(),
+    );
     let config = s.config_with("", &tail).replace(
         "[[policy]]\nname = \"root-all\"\nmatch = { uid = 0 }\nclient = \"idp\"",
         "[[policy]]\nname = \"root-all\"\nmatch = { uid = 0 }\nclient = [\"idp\", \"other\"]",
@@ -215,28 +251,64 @@ client_secret = { file = "SECRET_FILE" }
     };
     // No client named while root's policies name two.
     let e = code(c.token(["scim:read"]).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("several clients"), "{e}");
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("several clients"),
+        "{e}"
+    );
     let idp = |scopes: Vec<&str>| TokenRequest::new(scopes).client("idp");
     let e = code(c.get_token(idp(vec![])).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("at least one scope"), "{e}");
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("at least one scope"),
+        "{e}"
+    );
     let e = code(c.get_token(idp(vec!["scim read"])).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("not a valid OAuth scope"), "{e}");
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("not a valid OAuth scope"),
+        "{e}"
+    );
     let many: Vec<String> = (0..65).map(|i| format!("scim:s{i}")).collect();
     let e = code(c.get_token(TokenRequest::new(many).client("idp")).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("too many scopes"), "{e}");
-    let e = code(c.get_token(TokenRequest::new(["x".repeat(300)]).client("idp")).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("too long"), "{e}");
-    let e = code(c.get_token(TokenRequest::new(["scim:read"]).client("nope")).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("unknown client"), "{e}");
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("too many scopes"),
+        "{e}"
+    );
+    let e = code(
+        c.get_token(TokenRequest::new(["x".repeat(300)]).client("idp"))
+            .await,
+    );
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("too long"),
+        "{e}"
+    );
+    let e = code(
+        c.get_token(TokenRequest::new(["scim:read"]).client("nope"))
+            .await,
+    );
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("unknown client"),
+        "{e}"
+    );
     let e = code(c.get_token(idp(vec!["openid"])).await);
     assert!(e.is_denied(), "{e}");
-    assert!(e.to_string().contains("\"openid\"") && e.to_string().contains("uid=0(root)"), "{e}");
+    assert!(
+        e.to_string().contains("\"openid\"") && e.to_string().contains("uid=0(root)"),
+        "{e}"
+    );
     assert_eq!(s.idp.request_count(), 0, "refusals must not reach the IdP");
 
     // A min_ttl longer than the tokens live is refused once the lifetime is known.
-    let e = code(c.get_token(idp(vec!["scim:read"]).min_ttl(Duration::from_secs(7200))).await);
-    assert!(e.is_invalid_request() && e.to_string().contains("3600"), "{e}");
-    let t = c.get_token(idp(vec!["scim:read"]).min_ttl(Duration::from_secs(600))).await.unwrap();
+    let e = code(
+        c.get_token(idp(vec!["scim:read"]).min_ttl(Duration::from_secs(7200)))
+            .await,
+    );
+    assert!(
+        e.is_invalid_request() && e.to_string().contains("3600"),
+        "{e}"
+    );
+    let t = c
+        .get_token(idp(vec!["scim:read"]).min_ttl(Duration::from_secs(600)))
+        .await
+        .unwrap();
     assert!(t.expires_in() >= Duration::from_secs(600));
 
     // CLI exit code for a malformed request.
@@ -252,12 +324,42 @@ async fn idp_failures_become_status_codes_an_operator_or_a_retry_can_act_on() {
     // Each case asks for its own scope set so nothing cached interferes.
     let cases: Vec<(Fault, &[&str], bool, &str)> = vec![
         (Fault::Status(503), &["scim:read"], true, "HTTP 503"),
-        (Fault::RateLimited("7".into()), &["scim:write"], true, "HTTP 429"),
-        (Fault::Slow(Duration::from_secs(5)), &["internal_user_mgt_view"], true, "did not answer within 2s"),
-        (Fault::HtmlOk, &["internal_user_mgt_list"], false, "HTML page"),
-        (Fault::EmptyForbidden, &["scim:read", "scim:write"], false, "HTTP 403"),
-        (Fault::WiderScope("scim:admin".into()), &["scim:read", "internal_user_mgt_view"], false, "scim:admin"),
-        (Fault::EchoSecret, &["scim:write", "internal_user_mgt_view"], false, "invalid_client"),
+        (
+            Fault::RateLimited("7".into()),
+            &["scim:write"],
+            true,
+            "HTTP 429",
+        ),
+        (
+            Fault::Slow(Duration::from_secs(5)),
+            &["internal_user_mgt_view"],
+            true,
+            "did not answer within 2s",
+        ),
+        (
+            Fault::HtmlOk,
+            &["internal_user_mgt_list"],
+            false,
+            "HTML page",
+        ),
+        (
+            Fault::EmptyForbidden,
+            &["scim:read", "scim:write"],
+            false,
+            "HTTP 403",
+        ),
+        (
+            Fault::WiderScope("scim:admin".into()),
+            &["scim:read", "internal_user_mgt_view"],
+            false,
+            "scim:admin",
+        ),
+        (
+            Fault::EchoSecret,
+            &["scim:write", "internal_user_mgt_view"],
+            false,
+            "invalid_client",
+        ),
     ];
     for (fault, scopes, retryable, says) in cases {
         s.idp.set_fault(fault.clone());
@@ -269,11 +371,19 @@ async fn idp_failures_become_status_codes_an_operator_or_a_retry_can_act_on() {
     s.idp.set_fault(Fault::None);
     // The IdP refuses a scope the broker's policy allows.
     let err = c.token(["internal_user_mgt_delete"]).await.unwrap_err();
-    assert!(err.needs_operator() && err.to_string().contains("invalid_scope"), "{err}");
+    assert!(
+        err.needs_operator() && err.to_string().contains("invalid_scope"),
+        "{err}"
+    );
     let out = d.cli(None, &["token", "internal_user_mgt_delete"]).await;
     assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
     s.idp.set_fault(Fault::Status(502));
-    let out = d.cli(None, &["token", "internal_user_mgt_view", "internal_user_mgt_list"]).await;
+    let out = d
+        .cli(
+            None,
+            &["token", "internal_user_mgt_view", "internal_user_mgt_list"],
+        )
+        .await;
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(stderr(&out).contains("worth retrying"), "{}", stderr(&out));
 
@@ -288,24 +398,45 @@ async fn idp_failures_become_status_codes_an_operator_or_a_retry_can_act_on() {
 
     // A cached token is still served while the IdP fails.
     s.idp.set_fault(Fault::Status(500));
-    assert_eq!(c.token(["scim:read"]).await.unwrap().access_token().expose_secret(), t_first(&s));
+    assert_eq!(
+        c.token(["scim:read"])
+            .await
+            .unwrap()
+            .access_token()
+            .expose_secret(),
+        t_first(&s)
+    );
 }
 
 fn t_first(s: &Setup) -> String {
     let reqs = s.idp.requests();
-    reqs.iter().find(|r| r.scope == "scim:read" && r.token.is_some()).and_then(|r| r.token.clone()).unwrap()
+    reqs.iter()
+        .find(|r| r.scope == "scim:read" && r.token.is_some())
+        .and_then(|r| r.token.clone())
+        .unwrap()
 }
 
 #[tokio::test]
 async fn an_unreachable_idp_is_unavailable() {
     let s = Setup::new().await;
     // A port nothing listens on: bind one, note it, close it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = s.config().replace(&s.idp.token_url(), &format!("http://127.0.0.1:{port}/oauth2/token"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = s.config().replace(
+        &s.idp.token_url(),
+        &format!("http://127.0.0.1:{port}/oauth2/token"),
+    );
     let d = Daemon::start(&s.dir, &config).await;
     let err = d.client().await.token(["scim:read"]).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
-    assert!(err.to_string().contains("could not reach the token endpoint"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("could not reach the token endpoint"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -314,7 +445,9 @@ async fn a_peer_the_daemon_cannot_see_is_unauthenticated() {
     // The daemon in its own PID namespace sees callers from outside it with pid 0: it cannot pin or inspect
     // them, so it must refuse rather than guess.
     let opts = DaemonOptions {
-        wrapper: ["unshare", "--pid", "--fork", "--kill-child"].map(String::from).to_vec(),
+        wrapper: ["unshare", "--pid", "--fork", "--kill-child"]
+            .map(String::from)
+            .to_vec(),
         ..DaemonOptions::default()
     };
     let d = Daemon::start_with(&s.dir, &s.config(), opts).await;
@@ -336,8 +469,14 @@ async fn garbage_and_hundreds_of_idle_connections_do_not_stop_the_daemon_serving
         let mut conn = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
         match i % 3 {
             0 => {}
-            1 => conn.write_all(b"\x00\xffGARBAGE\r\n\r\n not http/2 at all").await.unwrap(),
-            _ => conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00").await.unwrap(),
+            1 => conn
+                .write_all(b"\x00\xffGARBAGE\r\n\r\n not http/2 at all")
+                .await
+                .unwrap(),
+            _ => conn
+                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00")
+                .await
+                .unwrap(),
         }
         idle.push(conn);
     }
@@ -347,7 +486,14 @@ async fn garbage_and_hundreds_of_idle_connections_do_not_stop_the_daemon_serving
     let out = d.cli(Some(NOBODY), &["token", "scim:read"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     drop(idle);
-    assert_eq!(c.token(["scim:read"]).await.unwrap().access_token().expose_secret(), s.idp.issued_tokens()[0]);
+    assert_eq!(
+        c.token(["scim:read"])
+            .await
+            .unwrap()
+            .access_token()
+            .expose_secret(),
+        s.idp.issued_tokens()[0]
+    );
 }
 
 #[tokio::test]
@@ -376,16 +522,33 @@ scopes = ["scim:read"]
     };
     let d = Daemon::start_with(&s.dir, &s.config_with("", &tail), opts).await;
     let mut c = d.client().await;
-    c.get_token(TokenRequest::new(["scim:read"]).client("idp")).await.unwrap();
-    c.get_token(TokenRequest::new(["scim:read"]).client("idp")).await.unwrap();
-    c.get_token(TokenRequest::new(["scim:read"]).client("post")).await.unwrap();
-    let out = d.cli(Some(NOBODY), &["token", "-c", "idp", "scim:read"]).await;
+    c.get_token(TokenRequest::new(["scim:read"]).client("idp"))
+        .await
+        .unwrap();
+    c.get_token(TokenRequest::new(["scim:read"]).client("idp"))
+        .await
+        .unwrap();
+    c.get_token(TokenRequest::new(["scim:read"]).client("post"))
+        .await
+        .unwrap();
+    let out = d
+        .cli(Some(NOBODY), &["token", "-c", "idp", "scim:read"])
+        .await;
     assert_eq!(out.status.code(), Some(0));
-    let _ = c.get_token(TokenRequest::new(["openid"]).client("idp")).await.unwrap_err();
+    let _ = c
+        .get_token(TokenRequest::new(["openid"]).client("idp"))
+        .await
+        .unwrap_err();
     // A sloppy server that echoes the secret in its error description.
     s.idp.set_fault(Fault::EchoSecret);
-    let _ = c.get_token(TokenRequest::new(["scim:write"]).client("idp")).await.unwrap_err();
-    let _ = c.get_token(TokenRequest::new(["scim:write"]).client("post")).await.unwrap_err();
+    let _ = c
+        .get_token(TokenRequest::new(["scim:write"]).client("idp"))
+        .await
+        .unwrap_err();
+    let _ = c
+        .get_token(TokenRequest::new(["scim:write"]).client("post"))
+        .await
+        .unwrap_err();
     drop(c);
     d.stop().await;
 
@@ -393,21 +556,30 @@ scopes = ["scim:read"]
     // The log is not vacuous: it has the grants, the denial, and the scrubbed IdP description.
     assert!(log.contains("token granted"), "{log}");
     assert!(log.contains("token denied"), "{log}");
-    assert!(log.contains("client authentication failed for secret '[redacted]'"), "{log}");
+    assert!(
+        log.contains("client authentication failed for secret '[redacted]'"),
+        "{log}"
+    );
     let encoded: String = form_urlencoded::byte_serialize(SECRET.as_bytes()).collect();
     let basic = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(format!("broker:{encoded}"))
     };
     for needle in [SECRET, "s3cr3t", encoded.as_str(), basic.as_str()] {
-        assert!(!log.contains(needle), "the daemon's log contains the secret ({needle:?})");
+        assert!(
+            !log.contains(needle),
+            "the daemon's log contains the secret ({needle:?})"
+        );
     }
     let tokens = s.idp.issued_tokens();
     assert_eq!(tokens.len(), 2);
     for t in tokens {
         assert!(!log.contains(&t), "the daemon's log contains a token");
         // The token's first characters are no fingerprint either.
-        assert!(!log.contains(&t[..13]), "the daemon's log contains part of a token");
+        assert!(
+            !log.contains(&t[..13]),
+            "the daemon's log contains part of a token"
+        );
     }
 }
 
@@ -432,11 +604,19 @@ async fn the_daemon_is_not_dumpable() {
     let status_file = format!("/proc/{}/status", d.pid());
     let status = std::fs::read_to_string(&status_file).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid_line.split_whitespace().nth(1) == Some("65534"), "{uid_line}");
+    assert!(
+        uid_line.split_whitespace().nth(1) == Some("65534"),
+        "{uid_line}"
+    );
     let owner = std::fs::metadata(&status_file).unwrap().uid();
-    assert_eq!(owner, 0, "a dumpable process's /proc entries belong to its own uid");
+    assert_eq!(
+        owner, 0,
+        "a dumpable process's /proc entries belong to its own uid"
+    );
     // And it still serves.
-    let mut c = credbroker_client::Client::connect(home.join("credbroker.sock")).await.unwrap();
+    let mut c = credbroker_client::Client::connect(home.join("credbroker.sock"))
+        .await
+        .unwrap();
     c.token(["scim:read"]).await.unwrap();
 }
 
@@ -501,18 +681,31 @@ scopes = ["ok", "not ok"]
 
     // The daemon refuses to start on it, with the same report.
     let path = s.dir.write("bad.toml", &bad, 0o644);
-    let run = tokio::process::Command::new(bin("credbrokerd")).arg("--config").arg(&path).output();
+    let run = tokio::process::Command::new(bin("credbrokerd"))
+        .arg("--config")
+        .arg(&path)
+        .output();
     let out = tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr(&out).contains("policy[0].client"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("policy[0].client"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!s.socket().exists());
 
     // A good config: exit 0 and a summary without the secret.
     let out = check_config(&s.dir, &s.config()).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary = stdout(&out);
-    assert!(summary.contains("client_id=broker") && summary.contains("nobody-read"), "{summary}");
-    assert!(!summary.contains(SECRET) && !summary.contains("s3cr3t"), "{summary}");
+    assert!(
+        summary.contains("client_id=broker") && summary.contains("nobody-read"),
+        "{summary}"
+    );
+    assert!(
+        !summary.contains(SECRET) && !summary.contains("s3cr3t"),
+        "{summary}"
+    );
 }
 
 #[tokio::test]
@@ -523,7 +716,10 @@ async fn the_socket_gets_its_mode_and_group_and_a_stale_one_is_replaced() {
     assert!(s.socket().exists());
     let config = s.config().replace(
         &format!("socket = \"{}\"", s.socket().display()),
-        &format!("socket = \"{}\"\nsocket_mode = \"0660\"\nsocket_group = \"nogroup\"", s.socket().display()),
+        &format!(
+            "socket = \"{}\"\nsocket_mode = \"0660\"\nsocket_group = \"nogroup\"",
+            s.socket().display()
+        ),
     );
     let d = Daemon::start(&s.dir, &config).await;
     let meta = std::fs::metadata(&d.socket).unwrap();
@@ -534,7 +730,11 @@ async fn the_socket_gets_its_mode_and_group_and_a_stale_one_is_replaced() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = d.cli(Some((65533, 65533)), &["token", "scim:read"]).await;
     assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&d.socket.display().to_string()), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&d.socket.display().to_string()),
+        "{}",
+        stderr(&out)
+    );
 
     // A second daemon on the same socket refuses to steal it.
     let other = tokio::process::Command::new(bin("credbrokerd"))
@@ -565,17 +765,39 @@ async fn denials_are_audited_every_time_and_a_grant_once_per_connection() {
         c.token(["openid"]).await.unwrap_err();
     }
     let log = d.log();
-    let grants: Vec<&str> = log.lines().filter(|l| l.contains("token granted")).collect();
+    let grants: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("token granted"))
+        .collect();
     assert_eq!(grants.len(), 1, "{log}");
     let g = grants[0];
-    for field in ["event=\"grant\"", "uid=0", "user=\"root\"", "client=\"idp\"", "requested=scim:read", "source=\"idp\"", "policies=root-all"] {
+    for field in [
+        "event=\"grant\"",
+        "uid=0",
+        "user=\"root\"",
+        "client=\"idp\"",
+        "requested=scim:read",
+        "source=\"idp\"",
+        "policies=root-all",
+    ] {
         assert!(g.contains(field), "{field} missing in {g}");
     }
-    let fp = g.split("token=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let fp = g
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
     assert_eq!(fp.len(), 12);
     let denials = log.lines().filter(|l| l.contains("token denied")).count();
     assert_eq!(denials, 3, "{log}");
-    assert!(log.lines().any(|l| l.contains("token denied") && l.contains("reason=scope \"openid\"")), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("token denied") && l.contains("reason=scope \"openid\"")),
+        "{log}"
+    );
 
     // When the connection closes, the four repeats are summed up in one event.
     drop(c);
@@ -586,7 +808,10 @@ async fn denials_are_audited_every_time_and_a_grant_once_per_connection() {
             assert!(l.contains("count=4") && l.contains(&fp), "{l}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no grant-repeats event:\n{log}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no grant-repeats event:\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -12,7 +12,10 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut port, mut id, mut secret_file, mut scopes) = (0u16, None, None, None);
     while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value\n{USAGE}"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{flag} needs a value\n{USAGE}"))
+        };
         match flag.as_str() {
             "--port" => port = value()?.parse()?,
             "--client-id" => id = Some(value()?),
@@ -35,7 +38,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     println!("token_url={}", idp.token_url());
-    eprintln!("stand-in token endpoint (NOT an identity provider) at {}", idp.token_url());
+    eprintln!(
+        "stand-in token endpoint (NOT an identity provider) at {}",
+        idp.token_url()
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
