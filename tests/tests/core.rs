@@ -815,3 +815,96 @@ async fn denials_are_audited_every_time_and_a_grant_once_per_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A gRPC client over one already-connected stream.
+fn client_over(
+    stream: tokio::net::UnixStream,
+) -> credbroker_proto::TokenBrokerClient<tonic::transport::Channel> {
+    let stream = std::sync::Mutex::new(Some(stream));
+    let channel = tonic::transport::Endpoint::from_static("http://peer.invalid")
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let s = stream.lock().unwrap().take();
+            async move {
+                s.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("stream used"))
+            }
+        }));
+    credbroker_proto::TokenBrokerClient::new(channel)
+}
+
+#[tokio::test]
+async fn a_peer_that_exited_cannot_lend_its_identity_to_whoever_holds_its_connection() {
+    use credbroker_proto::pb;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let proxy_path = s.dir.path().join("proxy.sock");
+    let proxy = tokio::net::UnixListener::bind(&proxy_path).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("helpers/exiting_peer.py");
+    let mut peer = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(&d.socket)
+        .arg(&proxy_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = tokio::io::BufReader::new(peer.stdout.take().unwrap());
+    tokio::time::timeout(WAIT, out.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    let peer_pid: i32 = line.trim().parse().unwrap();
+    let (relayed, _) = tokio::time::timeout(WAIT, proxy.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut c = client_over(relayed);
+
+    // While the peer lives, the connection carries its identity.
+    let me = c.who_am_i(pb::WhoAmIRequest {}).await.unwrap().into_inner();
+    assert_eq!(me.caller.unwrap().pid, peer_pid);
+
+    // The peer exits; the relay still holds the connection. Its identity must not outlive it.
+    peer.stdin.take().unwrap().write_all(b"\n").await.unwrap();
+    tokio::time::timeout(WAIT, peer.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let req = pb::GetTokenRequest {
+        scopes: vec!["scim:read".into()],
+        ..Default::default()
+    };
+    let err = c.get_token(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("pid {peer_pid}) has exited")),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.idp.request_count(), 0);
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused_and_the_daemon_serves_on() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let mut c = d.client().await;
+    let huge: Vec<String> = (0..1000).map(|i| format!("scim:{i:0>100}")).collect();
+    let err = c.token(huge).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Other {
+                code: tonic::Code::OutOfRange,
+                ..
+            } | Error::ResourceExhausted(_)
+        ),
+        "{err}"
+    );
+    assert_eq!(s.idp.request_count(), 0);
+    c.token(["scim:read"]).await.unwrap();
+}
