@@ -1,24 +1,38 @@
-//! Tokens already issued, keyed by (client, sorted scope set), shared by every caller allowed that key.
+//! Tokens already issued, keyed by (client, sorted scope set), shared by every caller allowed that key, and
+//! their lifecycle.
 //!
-//! Each key has a slot with the current token and a fetch lock: concurrent misses for one key make one IdP
-//! request (the first caller fetches, the others wait for it and then find the fresh token), and misses for
-//! different keys never wait on each other. The map is bounded: when full, expired entries go first, then the
-//! one closest to expiry.
+//! - **Hits** take a read lock on one of [`SHARDS`] map shards and the key's own token lock: nothing shared
+//!   across keys is written on the hot path.
+//! - **Single flight**: a miss starts one fetch per key in its own task; concurrent misses wait for it. A
+//!   caller that gives up (deadline, disconnect) stops waiting; the fetch goes on for the others.
+//! - **Refresh ahead**: every stored token gets a refresher task. At a jittered point between 65% and 75% of
+//!   its usable lifetime (at most its lifetime, less the default min TTL) it refetches the token if the key
+//!   was asked for since the token arrived, so callers keep getting the cached token and never wait on the
+//!   IdP. A token nobody uses is not refreshed;
+//!   its entry is removed when it expires.
+//! - **Failures**: a non-transient IdP error (4xx) is remembered for [`CacheConfig::error_ttl`], so a
+//!   misconfigured client cannot hammer the IdP. A failed refresh keeps the valid cached token and retries.
+//! - **Bounded**: at most [`CacheConfig::max_entries`] keys; when full, the entry expiring soonest goes.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::sync::{Arc, Mutex, RwLock};
+use std::hash::{BuildHasher, Hash};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::retry::random_fraction;
 use crate::scope::ScopeSet;
-use crate::upstream::Issued;
+use crate::upstream::{Issued, UpstreamError};
 
-/// Default bound on cached (client, scope set) entries.
-pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+/// Number of map shards.
+pub const SHARDS: usize = 16;
 
 /// What a token is cached under.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -65,8 +79,12 @@ pub struct CachedToken {
     pub granted: ScopeSet,
     /// Its whole lifetime.
     pub lifetime: Duration,
+    /// When the IdP's answer arrived.
+    pub issued_at: Instant,
     /// When it expires.
     pub expires_at: Instant,
+    /// When its refresher refetches it (if it is in use).
+    pub refresh_at: Instant,
     /// Its fingerprint, for the audit log.
     pub fingerprint: Fingerprint,
 }
@@ -82,20 +100,26 @@ impl fmt::Debug for CachedToken {
     }
 }
 
-impl From<Issued> for CachedToken {
-    fn from(t: Issued) -> Self {
+impl CachedToken {
+    /// Caches an issued token. Its refresh point is drawn in `[refresh_from, refresh_by]` of its *usable*
+    /// lifetime: the time until it no longer satisfies the daemon's default min TTL. For long-lived tokens that
+    /// is about 65–75% of the lifetime; for short ones, earlier, so callers never wait for the renewal.
+    pub fn new(t: Issued, config: &CacheConfig) -> Self {
+        let span = config.refresh_by - config.refresh_from;
+        let fraction = config.refresh_from + span * random_fraction();
+        let usable = t.lifetime - MinTtl::Default(config.default_min_ttl).required(t.lifetime);
         Self {
             fingerprint: Fingerprint::of(t.access_token.expose_secret()),
+            issued_at: t.received_at,
             expires_at: t.received_at + t.lifetime,
+            refresh_at: t.received_at + usable.mul_f64(fraction),
             access_token: t.access_token,
             token_type: t.token_type,
             granted: t.granted,
             lifetime: t.lifetime,
         }
     }
-}
 
-impl CachedToken {
     /// Time left at `now`.
     pub fn remaining(&self, now: Instant) -> Duration {
         self.expires_at.saturating_duration_since(now)
@@ -104,6 +128,11 @@ impl CachedToken {
     /// The expiry as wall-clock time, for the wire.
     pub fn expires_at_wall(&self, now: Instant) -> SystemTime {
         SystemTime::now() + self.remaining(now)
+    }
+
+    fn satisfies(&self, min_ttl: MinTtl, now: Instant) -> bool {
+        let left = self.remaining(now);
+        left >= min_ttl.required(self.lifetime) || (!left.is_zero() && min_ttl.unsatisfiable(self.lifetime))
     }
 }
 
@@ -125,18 +154,18 @@ impl MinTtl {
         }
     }
 
-    /// Whether even a brand-new token of `lifetime` could not satisfy this.
+    /// Whether even a brand-new token of `lifetime` could not satisfy this (fetching again would not help).
     pub fn unsatisfiable(self, lifetime: Duration) -> bool {
         self.required(lifetime) >= lifetime
     }
 }
 
-/// Whether a token came from the cache or from the IdP just now.
+/// Whether a token came from the cache or from the IdP for this request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     /// Served from the cache.
     Cache,
-    /// Fetched from the IdP for this request.
+    /// Fetched from the IdP while this request waited.
     Idp,
 }
 
@@ -150,239 +179,690 @@ impl Source {
     }
 }
 
+/// The cache's knobs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CacheConfig {
+    /// Most keys held.
+    pub max_entries: usize,
+    /// Earliest refresh point, as a fraction of the lifetime.
+    pub refresh_from: f64,
+    /// Latest refresh point, as a fraction of the lifetime.
+    pub refresh_by: f64,
+    /// How long a non-transient IdP error is remembered for its key.
+    pub error_ttl: Duration,
+    /// The daemon's default min TTL: refreshes happen before a token stops satisfying it.
+    pub default_min_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 10_000,
+            refresh_from: 0.65,
+            refresh_by: 0.75,
+            error_ttl: Duration::from_secs(10),
+            default_min_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A fetch of a new token for a key (from the IdP, retries included).
+pub type FetchFuture = Pin<Box<dyn Future<Output = Result<Issued, UpstreamError>> + Send>>;
+
+/// Gets new tokens for the cache.
+pub trait Fetcher: Send + Sync + 'static {
+    /// Starts fetching a token for `key`.
+    fn fetch(&self, key: &CacheKey) -> FetchFuture;
+}
+
+/// Why the cache has no token for a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    /// The fetch this request waited for failed.
+    #[error("{0}")]
+    Upstream(Arc<UpstreamError>),
+    /// The IdP refused this key moments ago; not asked again yet.
+    #[error("{error} (remembered from {}s ago; not retried for {}s)", .age.as_secs(), .retry_in.as_secs().max(1))]
+    Remembered {
+        /// The IdP's refusal.
+        error: Arc<UpstreamError>,
+        /// How long ago it happened.
+        age: Duration,
+        /// When the key will be tried again.
+        retry_in: Duration,
+    },
+    /// The caller is over its rate of new tokens.
+    #[error("too many new tokens requested; retry in {}s (cached tokens are still served)", .retry_in.as_secs().max(1))]
+    RateLimited {
+        /// Until a new token may be requested.
+        retry_in: Duration,
+    },
+    /// The fetch task went away without an answer (shutdown).
+    #[error("the token fetch was abandoned (shutting down?)")]
+    Abandoned,
+}
+
+impl CacheError {
+    /// The IdP error behind this, if any.
+    pub fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            Self::Upstream(e) | Self::Remembered { error: e, .. } => Some(e),
+            Self::RateLimited { .. } | Self::Abandoned => None,
+        }
+    }
+}
+
+type FetchResult = Result<Arc<CachedToken>, Arc<UpstreamError>>;
+
 #[derive(Default)]
+struct SlotState {
+    inflight: Option<watch::Receiver<Option<FetchResult>>>,
+    failure: Option<(Instant, Arc<UpstreamError>)>,
+}
+
 struct Slot {
+    key: CacheKey,
     token: RwLock<Option<Arc<CachedToken>>>,
-    fetching: tokio::sync::Mutex<()>,
+    state: Mutex<SlotState>,
+    /// Milliseconds since the cache's epoch at the last request for this key.
+    last_used: AtomicU64,
+    refresher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(task) = self.refresher.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
 }
 
 impl Slot {
-    /// The current token if it satisfies `min_ttl` (or never could, so fetching again would not help).
-    fn current(&self, min_ttl: MinTtl, now: Instant) -> Option<Arc<CachedToken>> {
-        let token = self.token.read().unwrap_or_else(|e| e.into_inner());
-        token
-            .as_ref()
-            .filter(|t| {
-                t.remaining(now) > min_ttl.required(t.lifetime)
-                    || (t.remaining(now) > Duration::ZERO && min_ttl.unsatisfiable(t.lifetime))
-            })
-            .cloned()
+    fn token(&self) -> Option<Arc<CachedToken>> {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn expires_at(&self) -> Option<Instant> {
-        self.token
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|t| t.expires_at)
+    fn usable(&self, min_ttl: MinTtl, now: Instant) -> Option<Arc<CachedToken>> {
+        let token = self.token.read().unwrap_or_else(|e| e.into_inner());
+        token.as_ref().filter(|t| t.satisfies(min_ttl, now)).cloned()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// The token cache.
+struct Inner {
+    shards: Vec<RwLock<HashMap<CacheKey, Arc<Slot>>>>,
+    hasher: std::collections::hash_map::RandomState,
+    fetcher: Arc<dyn Fetcher>,
+    config: CacheConfig,
+    epoch: Instant,
+}
+
+/// The token cache. Dropping it cancels its refreshers.
 pub struct TokenCache {
-    slots: Mutex<HashMap<CacheKey, Arc<Slot>>>,
-    max_entries: usize,
+    inner: Arc<Inner>,
 }
 
 impl TokenCache {
-    /// An empty cache holding at most `max_entries` keys.
-    pub fn new(max_entries: usize) -> Self {
+    /// An empty cache that gets new tokens from `fetcher`.
+    pub fn new(fetcher: Arc<dyn Fetcher>, config: CacheConfig) -> Self {
         Self {
-            slots: Mutex::new(HashMap::new()),
-            max_entries: max_entries.max(1),
+            inner: Arc::new(Inner {
+                shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+                hasher: std::collections::hash_map::RandomState::new(),
+                fetcher,
+                config,
+                epoch: Instant::now(),
+            }),
         }
     }
 
     /// Number of keys held.
     pub fn len(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 
-    /// Whether the cache is empty.
+    /// Whether the cache holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// A token for `key` that satisfies `min_ttl`: the cached one, or one `fetch` gets (one fetch per key at a
-    /// time; callers that waited on it take its result).
+    /// A token for `key` that satisfies `min_ttl`: the cached one, or a new one. A new fetch is started only
+    /// if `admit` allows it (the caller's rate limit); joining a fetch already under way is free.
     ///
     /// # Errors
-    /// `fetch`'s error; nothing is cached then.
-    pub async fn get<F, Fut, E>(
+    /// [`CacheError`].
+    pub async fn get(
         &self,
-        key: CacheKey,
+        key: &CacheKey,
         min_ttl: MinTtl,
-        fetch: F,
-    ) -> Result<(Arc<CachedToken>, Source), E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Issued, E>>,
-    {
-        let slot = self.slot(key);
-        if let Some(t) = slot.current(min_ttl, Instant::now()) {
+        admit: impl FnOnce() -> Result<(), Duration>,
+    ) -> Result<(Arc<CachedToken>, Source), CacheError> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let slot = inner.slot(key, now);
+        slot.last_used.store(inner.millis(now), Ordering::Relaxed);
+        if let Some(t) = slot.usable(min_ttl, now) {
             return Ok((t, Source::Cache));
         }
-        let _fetching = slot.fetching.lock().await;
-        // Whoever held the lock before us may have fetched what we need.
-        if let Some(t) = slot.current(min_ttl, Instant::now()) {
-            return Ok((t, Source::Cache));
-        }
-        let token = Arc::new(CachedToken::from(fetch().await?));
-        *slot.token.write().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
-        Ok((token, Source::Idp))
-    }
-
-    fn slot(&self, key: CacheKey) -> Arc<Slot> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = slots.get(&key) {
-            return slot.clone();
-        }
-        if slots.len() >= self.max_entries {
-            let now = Instant::now();
-            // Idle entries whose token is gone or expired (an entry being fetched is held by its fetcher).
-            slots
-                .retain(|_, s| Arc::strong_count(s) > 1 || s.expires_at().is_some_and(|e| e > now));
-            if slots.len() >= self.max_entries {
-                let victim = slots
-                    .iter()
-                    .min_by_key(|(_, s)| s.expires_at())
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = victim {
-                    slots.remove(&k);
+        let mut rx = {
+            let mut st = slot.state();
+            if let Some(t) = slot.usable(min_ttl, now) {
+                return Ok((t, Source::Cache));
+            }
+            if let Some((at, error)) = &st.failure {
+                let age = now.saturating_duration_since(*at);
+                if age < inner.config.error_ttl {
+                    return Err(CacheError::Remembered {
+                        error: error.clone(),
+                        age,
+                        retry_in: inner.config.error_ttl - age,
+                    });
+                }
+                st.failure = None;
+            }
+            match &st.inflight {
+                Some(rx) => rx.clone(),
+                None => {
+                    admit().map_err(|retry_in| CacheError::RateLimited { retry_in })?;
+                    inner.start_fetch(&slot, &mut st)
                 }
             }
+        };
+        drop(slot);
+        let result = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| CacheError::Abandoned)?
+            .clone()
+            .ok_or(CacheError::Abandoned)?;
+        result.map(|t| (t, Source::Idp)).map_err(CacheError::Upstream)
+    }
+}
+
+impl Inner {
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn shard(&self, key: &CacheKey) -> &RwLock<HashMap<CacheKey, Arc<Slot>>> {
+        let h = self.hasher.hash_one(key);
+        &self.shards[(h as usize) % SHARDS]
+    }
+
+    fn slot(&self, key: &CacheKey, now: Instant) -> Arc<Slot> {
+        let shard = self.shard(key);
+        if let Some(slot) = shard.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return slot.clone();
         }
-        slots.entry(key).or_default().clone()
+        let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = map.get(key) {
+            return slot.clone();
+        }
+        let capacity = self.config.max_entries.div_ceil(SHARDS).max(1);
+        if map.len() >= capacity {
+            // Keep entries a fetch is using; of the rest, drop the one expiring soonest (no token first).
+            let victim = map
+                .iter()
+                .filter(|(_, s)| s.state().inflight.is_none())
+                .min_by_key(|(_, s)| s.token().map(|t| t.expires_at))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = victim {
+                map.remove(&k);
+            }
+        }
+        let slot = Arc::new(Slot {
+            key: key.clone(),
+            token: RwLock::new(None),
+            state: Mutex::new(SlotState::default()),
+            last_used: AtomicU64::new(self.millis(now)),
+            refresher: Mutex::new(None),
+        });
+        map.insert(key.clone(), slot.clone());
+        slot
+    }
+
+    /// Starts the one fetch for `slot`; its result goes to every receiver of the returned channel.
+    fn start_fetch(self: &Arc<Self>, slot: &Arc<Slot>, st: &mut SlotState) -> watch::Receiver<Option<FetchResult>> {
+        let (tx, rx) = watch::channel(None);
+        st.inflight = Some(rx.clone());
+        let fetch = self.fetcher.fetch(&slot.key);
+        let (inner, weak) = (Arc::downgrade(self), Arc::downgrade(slot));
+        tokio::spawn(async move {
+            let result = fetch.await;
+            let result = match (inner.upgrade(), weak.upgrade()) {
+                (Some(inner), Some(slot)) => inner.complete(&slot, result),
+                _ => result.map(|t| Arc::new(CachedToken::new(t, &CacheConfig::default()))).map_err(Arc::new),
+            };
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// Stores a fetch's outcome in its slot.
+    fn complete(self: &Arc<Self>, slot: &Arc<Slot>, result: Result<Issued, UpstreamError>) -> FetchResult {
+        let mut st = slot.state();
+        st.inflight = None;
+        match result {
+            Ok(issued) => {
+                let token = Arc::new(CachedToken::new(issued, &self.config));
+                let previous = slot.token.write().unwrap_or_else(|e| e.into_inner()).replace(token.clone());
+                st.failure = None;
+                drop(st);
+                tracing::info!(
+                    client = %slot.key.client,
+                    scopes = %slot.key.scopes,
+                    token = %token.fingerprint,
+                    lifetime_s = token.lifetime.as_secs(),
+                    refresh_in_s = token.refresh_at.saturating_duration_since(token.issued_at).as_secs(),
+                    "{}",
+                    if previous.is_some() { "token renewed" } else { "token fetched" }
+                );
+                self.ensure_refresher(slot);
+                Ok(token)
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                if !e.is_transient() {
+                    st.failure = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn ensure_refresher(self: &Arc<Self>, slot: &Arc<Slot>) {
+        let mut task = slot.refresher.lock().unwrap_or_else(|e| e.into_inner());
+        if task.as_ref().is_none_or(JoinHandle::is_finished) {
+            *task = Some(tokio::spawn(refresher(Arc::downgrade(self), Arc::downgrade(slot))));
+        }
+    }
+
+    /// Removes `slot` if it is still the key's entry and still holds `token` (expired) and no fetch.
+    fn remove_expired(&self, slot: &Arc<Slot>, token: &Arc<CachedToken>) {
+        let mut map = self.shard(&slot.key).write().unwrap_or_else(|e| e.into_inner());
+        let same = map.get(&slot.key).is_some_and(|s| Arc::ptr_eq(s, slot));
+        let unchanged = slot.token().is_some_and(|t| Arc::ptr_eq(&t, token));
+        if same && unchanged && slot.state().inflight.is_none() {
+            map.remove(&slot.key);
+            tracing::debug!(client = %slot.key.client, scopes = %slot.key.scopes, token = %token.fingerprint, "expired token dropped");
+        }
+    }
+}
+
+/// Keeps one slot's token fresh while it is in use, and removes it once it expires unused.
+async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
+    let mut wake = None;
+    loop {
+        let Some(token) = slot.upgrade().and_then(|s| s.token()) else { return };
+        tokio::time::sleep_until(wake.unwrap_or(token.refresh_at).max(token.refresh_at)).await;
+        let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) else { return };
+        if !slot_s.token().is_some_and(|t| Arc::ptr_eq(&t, &token)) {
+            // Replaced by a fetch a caller triggered: follow the new token.
+            wake = None;
+            continue;
+        }
+        let now = Instant::now();
+        if now >= token.expires_at {
+            inner_s.remove_expired(&slot_s, &token);
+            return;
+        }
+        // In use: asked for after it arrived (the request that caused the fetch asked before).
+        let in_use = slot_s.last_used.load(Ordering::Relaxed) > inner_s.millis(token.issued_at);
+        if !in_use {
+            tracing::debug!(client = %slot_s.key.client, scopes = %slot_s.key.scopes, token = %token.fingerprint, "token not in use: not refreshing it");
+            drop((inner_s, slot_s));
+            tokio::time::sleep_until(token.expires_at).await;
+            if let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) {
+                inner_s.remove_expired(&slot_s, &token);
+            }
+            return;
+        }
+        let mut rx = {
+            let mut st = slot_s.state();
+            match &st.inflight {
+                Some(rx) => rx.clone(),
+                None => inner_s.start_fetch(&slot_s, &mut st),
+            }
+        };
+        tracing::debug!(client = %slot_s.key.client, scopes = %slot_s.key.scopes, token = %token.fingerprint, "refreshing ahead of expiry");
+        drop((inner_s, slot_s));
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone(),
+            Err(_) => return,
+        };
+        match outcome {
+            Some(Ok(_)) => wake = None,
+            Some(Err(e)) => {
+                let left = token.remaining(Instant::now());
+                tracing::warn!(
+                    client = %slot.upgrade().map(|s| s.key.client.to_string()).unwrap_or_default(),
+                    error = %e,
+                    left_s = left.as_secs(),
+                    "refresh failed; the cached token is served until it expires"
+                );
+                // Transient or not, try again later while the token lasts: a tenth of what is left, 1 to 30 s.
+                let pause = (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                wake = Some(Instant::now() + pause);
+            }
+            None => return,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
-    fn key(client: &str, scopes: &[&str]) -> CacheKey {
+    /// A fetcher that records when it was called and answers as told.
+    struct Fake {
+        calls: AtomicUsize,
+        at: Mutex<Vec<Instant>>,
+        lifetime: Duration,
+        delay: Duration,
+        fail: Mutex<Option<fn() -> UpstreamError>>,
+        gate: watch::Receiver<bool>,
+    }
+
+    impl Fake {
+        fn new(lifetime: u64) -> (Arc<Self>, watch::Sender<bool>) {
+            let (tx, gate) = watch::channel(true);
+            let fake = Arc::new(Self {
+                calls: AtomicUsize::new(0),
+                at: Mutex::new(Vec::new()),
+                lifetime: Duration::from_secs(lifetime),
+                delay: Duration::ZERO,
+                fail: Mutex::new(None),
+                gate,
+            });
+            (fake, tx)
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Fetcher for Fake {
+        fn fetch(&self, key: &CacheKey) -> FetchFuture {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.at.lock().unwrap().push(Instant::now());
+            let (lifetime, delay, mut gate) = (self.lifetime, self.delay, self.gate.clone());
+            let fail = *self.fail.lock().unwrap();
+            let scopes = key.scopes.clone();
+            Box::pin(async move {
+                gate.wait_for(|open| *open).await.unwrap();
+                tokio::time::sleep(delay).await;
+                if let Some(f) = fail {
+                    return Err(f());
+                }
+                Ok(Issued {
+                    access_token: SecretString::from(format!("token-{n}")),
+                    token_type: "Bearer".into(),
+                    lifetime,
+                    received_at: Instant::now(),
+                    granted: scopes,
+                    assumed_lifetime: false,
+                })
+            })
+        }
+    }
+
+    fn key(scopes: &[&str]) -> CacheKey {
         CacheKey {
-            client: client.into(),
+            client: "idp".into(),
             scopes: ScopeSet::parse(scopes).unwrap(),
         }
     }
 
-    fn issued(token: &str, lifetime: u64) -> Issued {
-        Issued {
-            access_token: SecretString::from(token.to_owned()),
-            token_type: "Bearer".into(),
-            lifetime: Duration::from_secs(lifetime),
-            received_at: Instant::now(),
-            granted: ScopeSet::parse(&["a"]).unwrap(),
-            assumed_lifetime: false,
+    const DEFAULT: MinTtl = MinTtl::Default(Duration::from_secs(60));
+
+    fn open() -> Result<(), Duration> {
+        Ok(())
+    }
+
+    fn token_of(r: &(Arc<CachedToken>, Source)) -> &str {
+        r.0.access_token.expose_secret()
+    }
+
+    /// Lets spawned tasks run up to the current (paused) instant.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn hits_until_min_ttl_then_refetches() {
-        let cache = TokenCache::new(10);
-        let fetches = AtomicUsize::new(0);
-        let get = |min| {
-            cache.get(key("c", &["a"]), min, || async {
-                let n = fetches.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, ()>(issued(&format!("t{n}"), 3600))
-            })
-        };
-        let (t, s) = get(MinTtl::Default(Duration::from_secs(60))).await.unwrap();
-        assert_eq!((t.access_token.expose_secret(), s), ("t0", Source::Idp));
-        let (t, s) = get(MinTtl::Default(Duration::from_secs(60))).await.unwrap();
-        assert_eq!((t.access_token.expose_secret(), s), ("t0", Source::Cache));
-        tokio::time::advance(Duration::from_secs(3500)).await;
-        // 100 s left: fine for the default, not for a caller that needs 200 s.
-        assert_eq!(
-            get(MinTtl::Default(Duration::from_secs(60)))
-                .await
-                .unwrap()
-                .1,
-            Source::Cache
-        );
-        let (t, s) = get(MinTtl::Explicit(Duration::from_secs(200)))
-            .await
-            .unwrap();
-        assert_eq!((t.access_token.expose_secret(), s), ("t1", Source::Idp));
+        let (fake, _gate) = Fake::new(3600);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        let r = cache.get(&k, DEFAULT, open).await.unwrap();
+        assert_eq!((token_of(&r), r.1), ("token-0", Source::Idp));
+        let r = cache.get(&k, DEFAULT, open).await.unwrap();
+        assert_eq!((token_of(&r), r.1), ("token-0", Source::Cache));
+        // 400 s left: enough by default, not for a caller that needs 500 s.
+        tokio::time::advance(Duration::from_secs(3200)).await;
+        let r = cache.get(&k, MinTtl::Explicit(Duration::from_secs(500)), open).await.unwrap();
+        assert_eq!(r.1, Source::Idp);
+        assert_eq!(fake.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn default_min_ttl_is_at_most_half_the_lifetime() {
-        assert_eq!(
-            MinTtl::Default(Duration::from_secs(60)).required(Duration::from_secs(30)),
-            Duration::from_secs(15)
-        );
-        let cache = TokenCache::new(10);
-        let k = key("c", &["a"]);
-        let short = || async { Ok::<_, ()>(issued("short", 30)) };
-        assert_eq!(
-            cache
-                .get(k.clone(), MinTtl::Default(Duration::from_secs(60)), short)
-                .await
-                .unwrap()
-                .1,
-            Source::Idp
-        );
+        assert_eq!(DEFAULT.required(Duration::from_secs(30)), Duration::from_secs(15));
+        let (fake, _gate) = Fake::new(30);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        cache.get(&k, DEFAULT, open).await.unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(
-            cache
-                .get(k, MinTtl::Default(Duration::from_secs(60)), short)
-                .await
-                .unwrap()
-                .1,
-            Source::Cache
+        assert_eq!(cache.get(&k, DEFAULT, open).await.unwrap().1, Source::Cache);
+        assert_eq!(fake.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_cold_callers_makes_one_fetch_and_other_keys_do_not_wait() {
+        let (fake, gate) = Fake::new(3600);
+        gate.send(false).unwrap();
+        let cache = Arc::new(TokenCache::new(fake.clone(), CacheConfig::default()));
+        let mut tasks = Vec::new();
+        for _ in 0..300 {
+            let cache = cache.clone();
+            tasks.push(tokio::spawn(async move { cache.get(&key(&["a"]), DEFAULT, open).await.unwrap().0.fingerprint }));
+        }
+        settle().await;
+        assert_eq!(fake.calls(), 1);
+        // Key "a" is stuck at the IdP; key "b" must not wait for it — but its own fetch is gated too, so
+        // check it is under way independently.
+        let b = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key(&["b"]), DEFAULT, open).await.unwrap() }
+        });
+        settle().await;
+        assert_eq!(fake.calls(), 2, "key b started its own fetch while a's was pending");
+        gate.send(true).unwrap();
+        let first = tasks.remove(0).await.unwrap();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), first);
+        }
+        b.await.unwrap();
+        assert_eq!(fake.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_does_not_cancel_the_shared_fetch() {
+        let (fake, gate) = Fake::new(3600);
+        gate.send(false).unwrap();
+        let cache = Arc::new(TokenCache::new(fake.clone(), CacheConfig::default()));
+        let impatient = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key(&["a"]), DEFAULT, open).await }
+        });
+        let patient = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&key(&["a"]), DEFAULT, open).await }
+        });
+        settle().await;
+        impatient.abort();
+        settle().await;
+        gate.send(true).unwrap();
+        assert_eq!(token_of(&patient.await.unwrap().unwrap()), "token-0");
+        assert_eq!(fake.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_in_use_is_refreshed_ahead_of_expiry_and_callers_never_wait() {
+        let (fake, _gate) = Fake::new(100);
+        // An IdP that takes 5 s per request.
+        let fake = Arc::new(Fake {
+            delay: Duration::from_secs(5),
+            ..Arc::into_inner(fake).unwrap()
+        });
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        let start = Instant::now();
+        cache.get(&k, DEFAULT, open).await.unwrap();
+        let issued = Instant::now();
+        assert_eq!(issued - start, Duration::from_secs(5));
+        // Keep using it every second, as a busy caller would; every call is a hit and takes no time.
+        for _ in 0..150 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            settle().await;
+            let before = Instant::now();
+            let r = cache.get(&k, DEFAULT, open).await.unwrap();
+            assert_eq!(r.1, Source::Cache);
+            assert_eq!(Instant::now(), before, "a hit never waits");
+            assert!(r.0.remaining(before) >= Duration::from_secs(50));
+        }
+        // 150 s of use of a 100 s token whose usable life is 50 s (the default min TTL is capped at half):
+        // refreshed several times, each between 65% and 75% of those 50 s (plus the 1 s step of this test's
+        // clock).
+        let at = fake.at.lock().unwrap().clone();
+        assert!(at.len() >= 3, "{at:?}");
+        let first_refresh = at[1] - issued;
+        assert!(
+            first_refresh >= Duration::from_millis(32_500) && first_refresh <= Duration::from_millis(38_500),
+            "{first_refresh:?}"
         );
     }
 
-    #[tokio::test]
-    async fn concurrent_misses_make_one_fetch() {
-        let cache = Arc::new(TokenCache::new(10));
-        let fetches = Arc::new(AtomicUsize::new(0));
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        let mut tasks = Vec::new();
-        for _ in 0..50 {
-            let (cache, fetches, mut rx) = (cache.clone(), fetches.clone(), rx.clone());
-            tasks.push(tokio::spawn(async move {
-                cache
-                    .get(
-                        key("c", &["a"]),
-                        MinTtl::Default(Duration::from_secs(60)),
-                        || async move {
-                            fetches.fetch_add(1, Ordering::SeqCst);
-                            rx.wait_for(|go| *go).await.unwrap();
-                            Ok::<_, ()>(issued("shared", 3600))
-                        },
-                    )
-                    .await
-                    .unwrap()
-                    .0
-                    .fingerprint
-            }));
+    #[tokio::test(start_paused = true)]
+    async fn refresh_points_are_jittered() {
+        let (fake, _gate) = Fake::new(1000);
+        let cache = Arc::new(TokenCache::new(fake.clone(), CacheConfig::default()));
+        let keys: Vec<CacheKey> = (0..20).map(|i| key(&[&format!("s{i}")])).collect();
+        let start = Instant::now();
+        for k in &keys {
+            cache.get(k, DEFAULT, open).await.unwrap();
         }
-        tokio::task::yield_now().await;
-        tx.send(true).unwrap();
-        for t in tasks {
-            assert_eq!(t.await.unwrap(), Fingerprint::of("shared"));
+        for _ in 0..800 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            settle().await;
+            for k in &keys {
+                cache.get(k, DEFAULT, open).await.unwrap();
+            }
         }
-        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        let at = fake.at.lock().unwrap().clone();
+        // Usable life: 1000 s less the 60 s default min TTL; refreshes between 65% and 75% of that (611 to
+        // 705 s), seen at the next 1 s step of this test's clock.
+        let refreshes: Vec<Duration> = at[20..40].iter().map(|t| *t - start).collect();
+        assert!(refreshes.iter().all(|d| *d >= Duration::from_secs(611) && *d <= Duration::from_secs(706)), "{refreshes:?}");
+        let distinct: std::collections::HashSet<_> = refreshes.iter().collect();
+        assert!(distinct.len() > 3, "refreshes in lockstep: {refreshes:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_nobody_uses_is_not_refreshed_and_leaves_at_expiry() {
+        let (fake, _gate) = Fake::new(100);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        cache.get(&key(&["a"]), DEFAULT, open).await.unwrap();
+        assert_eq!(cache.len(), 1);
+        tokio::time::advance(Duration::from_secs(99)).await;
+        settle().await;
+        assert_eq!(fake.calls(), 1);
+        assert_eq!(cache.len(), 1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        settle().await;
+        assert_eq!(cache.len(), 0);
+        assert_eq!(fake.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_keeps_serving_the_valid_token() {
+        let (fake, _gate) = Fake::new(100);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        cache.get(&k, DEFAULT, open).await.unwrap();
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server { status: 503 });
+        for _ in 0..9 {
+            tokio::time::advance(Duration::from_secs(10)).await;
+            settle().await;
+            let r = cache.get(&k, MinTtl::Explicit(Duration::from_secs(1)), open).await.unwrap();
+            assert_eq!((token_of(&r), r.1), ("token-0", Source::Cache));
+        }
+        assert!(fake.calls() >= 2, "the refresher kept trying");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_errors_are_remembered_briefly() {
+        let (fake, _gate) = Fake::new(100);
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Rejected {
+            status: 400,
+            code: Some("invalid_scope".into()),
+            description: None,
+        });
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        assert!(matches!(cache.get(&k, DEFAULT, open).await, Err(CacheError::Upstream(_))));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let e = cache.get(&k, DEFAULT, open).await.unwrap_err();
+        assert!(matches!(e, CacheError::Remembered { .. }), "{e}");
+        assert!(e.to_string().contains("invalid_scope"), "{e}");
+        assert_eq!(fake.calls(), 1);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(matches!(cache.get(&k, DEFAULT, open).await, Err(CacheError::Upstream(_))));
+        assert_eq!(fake.calls(), 2);
+        // Transient errors are not remembered.
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server { status: 503 });
+        let k2 = key(&["b"]);
+        assert!(cache.get(&k2, DEFAULT, open).await.is_err());
+        assert!(matches!(cache.get(&k2, DEFAULT, open).await, Err(CacheError::Upstream(_))));
+        assert_eq!(fake.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_new_fetches_are_rate_limited() {
+        let (fake, _gate) = Fake::new(3600);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        cache.get(&k, DEFAULT, open).await.unwrap();
+        let refuse = || Err(Duration::from_secs(3));
+        assert_eq!(cache.get(&k, DEFAULT, refuse).await.unwrap().1, Source::Cache);
+        let e = cache.get(&key(&["b"]), DEFAULT, refuse).await.unwrap_err();
+        assert!(matches!(e, CacheError::RateLimited { retry_in } if retry_in == Duration::from_secs(3)));
+        assert_eq!(fake.calls(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn bounded_in_entries() {
-        let cache = TokenCache::new(3);
-        for i in 0..10 {
-            let scope = format!("s{i}");
-            cache
-                .get(
-                    key("c", &[&scope]),
-                    MinTtl::Default(Duration::from_secs(1)),
-                    || async { Ok::<_, ()>(issued("t", 100 + i)) },
-                )
-                .await
-                .unwrap();
-            assert!(cache.len() <= 3);
+        let (fake, _gate) = Fake::new(3600);
+        let cache = TokenCache::new(
+            fake.clone(),
+            CacheConfig {
+                max_entries: SHARDS,
+                ..CacheConfig::default()
+            },
+        );
+        for i in 0..500 {
+            cache.get(&key(&[&format!("s{i}")]), DEFAULT, open).await.unwrap();
+            assert!(cache.len() <= SHARDS);
         }
     }
 

@@ -19,6 +19,7 @@ use reqwest::Url;
 use toml::Value;
 
 use crate::policy::{Matcher, Policy, PolicySet};
+use crate::ratelimit::Rate;
 use crate::scope::ScopePattern;
 use crate::secret::{Secret, SecretEnv, SecretSource};
 use crate::sys;
@@ -53,6 +54,10 @@ pub struct DaemonConfig {
     /// The least lifetime a handed-out token has left when a request says `min_ttl_seconds = 0`; never more
     /// than half of a token's lifetime is required.
     pub default_min_ttl: Duration,
+    /// Each caller uid's rate of requests that need a new token from the IdP.
+    pub rate_limit: Rate,
+    /// Most (client, scope set) entries cached.
+    pub max_cached_tokens: usize,
 }
 
 /// How the broker authenticates to the token endpoint.
@@ -331,6 +336,8 @@ impl DaemonConfig {
             socket_group: None,
             admins: vec!["root".to_owned()],
             default_min_ttl: Duration::from_secs(60),
+            rate_limit: Rate::default(),
+            max_cached_tokens: 10_000,
         }
     }
 }
@@ -568,8 +575,37 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
             d.default_min_ttl = ttl;
         }
     }
+    if let Some(v) = t.get("rate_limit") {
+        let key = t.key("rate_limit");
+        if let Some(table) = as_table(errs, &key, v) {
+            let mut r = Walk::new(&key, table);
+            for (name, slot) in [("per_minute", &mut d.rate_limit.per_minute), ("burst", &mut d.rate_limit.burst)] {
+                if let Some(v) = r.get(name) {
+                    match positive(v, 1_000_000) {
+                        Some(n) => *slot = n,
+                        None => errs.push(r.key(name), "expected a whole number from 1 to 1000000"),
+                    }
+                }
+            }
+            r.finish(errs);
+        }
+    }
+    if let Some(v) = t.get("max_cached_tokens") {
+        match positive(v, 10_000_000) {
+            Some(n) => d.max_cached_tokens = n as usize,
+            None => errs.push(t.key("max_cached_tokens"), "expected a whole number from 1 to 10000000"),
+        }
+    }
     t.finish(errs);
     d
+}
+
+/// An integer in `1..=max`.
+fn positive(v: &Value, max: u32) -> Option<u32> {
+    match v {
+        Value::Integer(i) => u32::try_from(*i).ok().filter(|n| (1..=max).contains(n)),
+        _ => None,
+    }
 }
 
 fn client_config(

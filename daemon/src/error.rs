@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 use crate::peer::PeerError;
 use crate::policy::Refusal;
 use crate::scope::ScopeError;
-use crate::upstream::UpstreamError;
+use crate::cache::CacheError;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,14 +27,14 @@ pub enum Error {
     /// The policy refused the request (or it named no usable client).
     #[error("{0}")]
     Refused(#[source] Refusal),
-    /// The IdP gave no token.
+    /// No token: the IdP failed or refused, or the caller is over its rate of new tokens.
     #[error("client {client:?}: {source}")]
-    Upstream {
+    Token {
         /// The client.
         client: String,
         /// What went wrong.
         #[source]
-        source: UpstreamError,
+        source: CacheError,
     },
     /// The IdP's tokens live shorter than the caller's `min_ttl_seconds`.
     #[error(
@@ -60,14 +60,20 @@ impl From<Error> for Status {
             }
             Error::Refused(r) if r.is_denial() => Code::PermissionDenied,
             Error::Refused(_) => Code::InvalidArgument,
-            Error::Upstream { source, .. } if source.is_transient() => Code::Unavailable,
-            Error::Upstream { .. } => Code::FailedPrecondition,
+            Error::Token {
+                source: CacheError::RateLimited { .. },
+                ..
+            } => Code::ResourceExhausted,
+            Error::Token {
+                source: CacheError::Abandoned,
+                ..
+            } => Code::Unavailable,
+            Error::Token { source, .. } if source.upstream().is_some_and(|u| u.is_transient()) => Code::Unavailable,
+            Error::Token { .. } => Code::FailedPrecondition,
         };
-        let message = match &e {
-            Error::Upstream { source, .. } if source.is_transient() => {
-                format!("{e}; no valid cached token; worth retrying")
-            }
-            Error::Upstream { .. } => {
+        let message = match code {
+            Code::Unavailable => format!("{e}; no valid cached token; worth retrying"),
+            Code::FailedPrecondition => {
                 format!("{e}; an operator must fix the client's IdP registration or configuration")
             }
             _ => e.to_string(),

@@ -8,8 +8,10 @@
 //!   resolved once per connection and checked on every call.
 //! - [`service`]: the `credbroker.v1.TokenBroker` service, GetToken and WhoAmI.
 //! - [`scope`] and [`policy`]: scope validation and the per-caller policies (deny by default).
-//! - [`cache`]: tokens per (client, scope set), one IdP request per key at a time.
-//! - [`upstream`]: the client-credentials request to the IdP and the parsing of its answer.
+//! - [`cache`]: tokens per (client, scope set): single flight, refresh ahead, remembered failures, bounded.
+//! - [`ratelimit`]: each caller uid's rate of requests that need a new token.
+//! - [`upstream`] and [`retry`]: the client-credentials request to the IdP, the parsing of its answer, and
+//!   retries with backoff through transient trouble.
 //! - [`audit`]: the structured audit trail of every decision.
 //! - [`error`]: request errors and their mapping to gRPC status codes.
 //!
@@ -25,6 +27,8 @@ pub mod error;
 pub mod notify;
 pub mod peer;
 pub mod policy;
+pub mod ratelimit;
+pub mod retry;
 pub mod scope;
 pub mod secret;
 pub mod server;
@@ -49,12 +53,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new()?;
-    let broker = Arc::new(service::Broker::new(
-        Arc::new(config),
-        upstream,
-        cache::TokenCache::new(cache::DEFAULT_MAX_ENTRIES),
-        Path::new("/proc"),
-    ));
+    let broker = Arc::new(service::Broker::new(Arc::new(config), upstream, Path::new("/proc")));
     server::serve(listener, broker, shutdown).await?;
     Ok(())
 }

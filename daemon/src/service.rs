@@ -13,39 +13,73 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::cache::{CacheKey, MinTtl, TokenCache};
-use crate::config::Config;
+use crate::cache::{CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache};
+use crate::config::{ClientConfig, Config};
 use crate::conn::Connection;
 use crate::error::Error;
 use crate::peer::{Caller, PeerError};
+use crate::ratelimit::RateLimiter;
+use crate::retry::{RetryPolicy, with_retries};
 use crate::scope::ScopeSet;
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Longest `min_ttl_seconds` accepted.
 pub const MAX_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest client name accepted in a request.
 pub const MAX_CLIENT_NAME: usize = 64;
 
+/// Gets tokens from the configured IdPs, retrying transient failures.
+struct IdpFetcher {
+    clients: std::collections::BTreeMap<String, Arc<ClientConfig>>,
+    upstream: Upstream,
+    retry: RetryPolicy,
+}
+
+impl Fetcher for IdpFetcher {
+    fn fetch(&self, key: &CacheKey) -> FetchFuture {
+        let client = self.clients.get(&*key.client).cloned();
+        let (upstream, retry, scopes) = (self.upstream.clone(), self.retry, key.scopes.clone());
+        Box::pin(async move {
+            let Some(client) = client else {
+                return Err(UpstreamError::InvalidResponse("the client is no longer configured".to_owned()));
+            };
+            let result = with_retries(&retry, &client.name, &scopes, || upstream.fetch(&client, &scopes)).await;
+            if let Err(e) = &result {
+                log_upstream_failure(&client.name, &scopes, e);
+            }
+            result
+        })
+    }
+}
+
 /// What the service needs to answer calls.
 pub struct Broker {
     config: Arc<Config>,
     cache: TokenCache,
-    upstream: Upstream,
+    limiter: RateLimiter,
     proc_root: Arc<Path>,
 }
 
 impl Broker {
-    /// A broker serving `config`. `proc_root` is `/proc` outside tests.
-    pub fn new(
-        config: Arc<Config>,
-        upstream: Upstream,
-        cache: TokenCache,
-        proc_root: &Path,
-    ) -> Self {
+    /// A broker serving `config`, fetching through `upstream`. `proc_root` is `/proc` outside tests.
+    pub fn new(config: Arc<Config>, upstream: Upstream, proc_root: &Path) -> Self {
+        let fetcher = IdpFetcher {
+            clients: config.clients.clone(),
+            upstream,
+            retry: RetryPolicy::default(),
+        };
+        let cache = TokenCache::new(
+            Arc::new(fetcher),
+            CacheConfig {
+                max_entries: config.daemon.max_cached_tokens,
+                default_min_ttl: config.daemon.default_min_ttl,
+                ..CacheConfig::default()
+            },
+        );
         Self {
+            limiter: RateLimiter::new(config.daemon.rate_limit),
             config,
             cache,
-            upstream,
             proc_root: proc_root.into(),
         }
     }
@@ -116,19 +150,15 @@ impl Broker {
             client: client.name.as_str().into(),
             scopes: scopes.clone(),
         };
-        let (token, source) = self
-            .cache
-            .get(key, min_ttl, || self.upstream.fetch(&client, &scopes))
-            .await
-            .map_err(|source| {
-                log_upstream_failure(&client.name, &scopes, &source);
-                let e = Error::Upstream {
-                    client: client.name.clone(),
-                    source,
-                };
-                audit::failed(&caller, &client.name, &scopes, &e);
-                e
-            })?;
+        let admit = || self.limiter.try_acquire(caller.uid, Instant::now());
+        let (token, source) = self.cache.get(&key, min_ttl, admit).await.map_err(|source| {
+            let e = Error::Token {
+                client: client.name.clone(),
+                source,
+            };
+            audit::failed(&caller, &client.name, &scopes, &e);
+            e
+        })?;
         let now = Instant::now();
         if token.remaining(now) < min_ttl.required(token.lifetime) {
             return Err(deny(Error::LifetimeTooShort {
@@ -187,8 +217,8 @@ impl Broker {
 }
 
 /// Operational log of an IdP failure, with the detail the caller does not get.
-fn log_upstream_failure(client: &str, scopes: &ScopeSet, e: &crate::upstream::UpstreamError) {
-    use crate::upstream::UpstreamError as U;
+fn log_upstream_failure(client: &str, scopes: &ScopeSet, e: &UpstreamError) {
+    use UpstreamError as U;
     match e {
         U::Rejected {
             status,

@@ -325,7 +325,7 @@ async fn idp_failures_become_status_codes_an_operator_or_a_retry_can_act_on() {
     let cases: Vec<(Fault, &[&str], bool, &str)> = vec![
         (Fault::Status(503), &["scim:read"], true, "HTTP 503"),
         (
-            Fault::RateLimited("7".into()),
+            Fault::RateLimited("120".into()),
             &["scim:write"],
             true,
             "HTTP 429",
