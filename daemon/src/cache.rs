@@ -132,7 +132,8 @@ impl CachedToken {
 
     fn satisfies(&self, min_ttl: MinTtl, now: Instant) -> bool {
         let left = self.remaining(now);
-        left >= min_ttl.required(self.lifetime) || (!left.is_zero() && min_ttl.unsatisfiable(self.lifetime))
+        left >= min_ttl.required(self.lifetime)
+            || (!left.is_zero() && min_ttl.unsatisfiable(self.lifetime))
     }
 }
 
@@ -271,7 +272,12 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(task) = self.refresher.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(task) = self
+            .refresher
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             task.abort();
         }
     }
@@ -284,7 +290,10 @@ impl Slot {
 
     fn usable(&self, min_ttl: MinTtl, now: Instant) -> Option<Arc<CachedToken>> {
         let token = self.token.read().unwrap_or_else(|e| e.into_inner());
-        token.as_ref().filter(|t| t.satisfies(min_ttl, now)).cloned()
+        token
+            .as_ref()
+            .filter(|t| t.satisfies(min_ttl, now))
+            .cloned()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
@@ -382,7 +391,9 @@ impl TokenCache {
             .map_err(|_| CacheError::Abandoned)?
             .clone()
             .ok_or(CacheError::Abandoned)?;
-        result.map(|t| (t, Source::Idp)).map_err(CacheError::Upstream)
+        result
+            .map(|t| (t, Source::Idp))
+            .map_err(CacheError::Upstream)
     }
 }
 
@@ -429,7 +440,11 @@ impl Inner {
     }
 
     /// Starts the one fetch for `slot`; its result goes to every receiver of the returned channel.
-    fn start_fetch(self: &Arc<Self>, slot: &Arc<Slot>, st: &mut SlotState) -> watch::Receiver<Option<FetchResult>> {
+    fn start_fetch(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        st: &mut SlotState,
+    ) -> watch::Receiver<Option<FetchResult>> {
         let (tx, rx) = watch::channel(None);
         st.inflight = Some(rx.clone());
         let fetch = self.fetcher.fetch(&slot.key);
@@ -438,7 +453,9 @@ impl Inner {
             let result = fetch.await;
             let result = match (inner.upgrade(), weak.upgrade()) {
                 (Some(inner), Some(slot)) => inner.complete(&slot, result),
-                _ => result.map(|t| Arc::new(CachedToken::new(t, &CacheConfig::default()))).map_err(Arc::new),
+                _ => result
+                    .map(|t| Arc::new(CachedToken::new(t, &CacheConfig::default())))
+                    .map_err(Arc::new),
             };
             let _ = tx.send(Some(result));
         });
@@ -446,13 +463,21 @@ impl Inner {
     }
 
     /// Stores a fetch's outcome in its slot.
-    fn complete(self: &Arc<Self>, slot: &Arc<Slot>, result: Result<Issued, UpstreamError>) -> FetchResult {
+    fn complete(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        result: Result<Issued, UpstreamError>,
+    ) -> FetchResult {
         let mut st = slot.state();
         st.inflight = None;
         match result {
             Ok(issued) => {
                 let token = Arc::new(CachedToken::new(issued, &self.config));
-                let previous = slot.token.write().unwrap_or_else(|e| e.into_inner()).replace(token.clone());
+                let previous = slot
+                    .token
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(token.clone());
                 st.failure = None;
                 drop(st);
                 tracing::info!(
@@ -480,13 +505,19 @@ impl Inner {
     fn ensure_refresher(self: &Arc<Self>, slot: &Arc<Slot>) {
         let mut task = slot.refresher.lock().unwrap_or_else(|e| e.into_inner());
         if task.as_ref().is_none_or(JoinHandle::is_finished) {
-            *task = Some(tokio::spawn(refresher(Arc::downgrade(self), Arc::downgrade(slot))));
+            *task = Some(tokio::spawn(refresher(
+                Arc::downgrade(self),
+                Arc::downgrade(slot),
+            )));
         }
     }
 
     /// Removes `slot` if it is still the key's entry and still holds `token` (expired) and no fetch.
     fn remove_expired(&self, slot: &Arc<Slot>, token: &Arc<CachedToken>) {
-        let mut map = self.shard(&slot.key).write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .shard(&slot.key)
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let same = map.get(&slot.key).is_some_and(|s| Arc::ptr_eq(s, slot));
         let unchanged = slot.token().is_some_and(|t| Arc::ptr_eq(&t, token));
         if same && unchanged && slot.state().inflight.is_none() {
@@ -500,9 +531,13 @@ impl Inner {
 async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
     let mut wake = None;
     loop {
-        let Some(token) = slot.upgrade().and_then(|s| s.token()) else { return };
+        let Some(token) = slot.upgrade().and_then(|s| s.token()) else {
+            return;
+        };
         tokio::time::sleep_until(wake.unwrap_or(token.refresh_at).max(token.refresh_at)).await;
-        let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) else { return };
+        let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) else {
+            return;
+        };
         if !slot_s.token().is_some_and(|t| Arc::ptr_eq(&t, &token)) {
             // Replaced by a fetch a caller triggered: follow the new token.
             wake = None;
@@ -650,14 +685,20 @@ mod tests {
         assert_eq!((token_of(&r), r.1), ("token-0", Source::Cache));
         // 400 s left: enough by default, not for a caller that needs 500 s.
         tokio::time::advance(Duration::from_secs(3200)).await;
-        let r = cache.get(&k, MinTtl::Explicit(Duration::from_secs(500)), open).await.unwrap();
+        let r = cache
+            .get(&k, MinTtl::Explicit(Duration::from_secs(500)), open)
+            .await
+            .unwrap();
         assert_eq!(r.1, Source::Idp);
         assert_eq!(fake.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn default_min_ttl_is_at_most_half_the_lifetime() {
-        assert_eq!(DEFAULT.required(Duration::from_secs(30)), Duration::from_secs(15));
+        assert_eq!(
+            DEFAULT.required(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
         let (fake, _gate) = Fake::new(30);
         let cache = TokenCache::new(fake.clone(), CacheConfig::default());
         let k = key(&["a"]);
@@ -675,7 +716,14 @@ mod tests {
         let mut tasks = Vec::new();
         for _ in 0..300 {
             let cache = cache.clone();
-            tasks.push(tokio::spawn(async move { cache.get(&key(&["a"]), DEFAULT, open).await.unwrap().0.fingerprint }));
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get(&key(&["a"]), DEFAULT, open)
+                    .await
+                    .unwrap()
+                    .0
+                    .fingerprint
+            }));
         }
         settle().await;
         assert_eq!(fake.calls(), 1);
@@ -686,7 +734,11 @@ mod tests {
             async move { cache.get(&key(&["b"]), DEFAULT, open).await.unwrap() }
         });
         settle().await;
-        assert_eq!(fake.calls(), 2, "key b started its own fetch while a's was pending");
+        assert_eq!(
+            fake.calls(),
+            2,
+            "key b started its own fetch while a's was pending"
+        );
         gate.send(true).unwrap();
         let first = tasks.remove(0).await.unwrap();
         for t in tasks {
@@ -748,7 +800,8 @@ mod tests {
         assert!(at.len() >= 3, "{at:?}");
         let first_refresh = at[1] - issued;
         assert!(
-            first_refresh >= Duration::from_millis(32_500) && first_refresh <= Duration::from_millis(38_500),
+            first_refresh >= Duration::from_millis(32_500)
+                && first_refresh <= Duration::from_millis(38_500),
             "{first_refresh:?}"
         );
     }
@@ -773,7 +826,12 @@ mod tests {
         // Usable life: 1000 s less the 60 s default min TTL; refreshes between 65% and 75% of that (611 to
         // 705 s), seen at the next 1 s step of this test's clock.
         let refreshes: Vec<Duration> = at[20..40].iter().map(|t| *t - start).collect();
-        assert!(refreshes.iter().all(|d| *d >= Duration::from_secs(611) && *d <= Duration::from_secs(706)), "{refreshes:?}");
+        assert!(
+            refreshes
+                .iter()
+                .all(|d| *d >= Duration::from_secs(611) && *d <= Duration::from_secs(706)),
+            "{refreshes:?}"
+        );
         let distinct: std::collections::HashSet<_> = refreshes.iter().collect();
         assert!(distinct.len() > 3, "refreshes in lockstep: {refreshes:?}");
     }
@@ -804,7 +862,10 @@ mod tests {
         for _ in 0..9 {
             tokio::time::advance(Duration::from_secs(10)).await;
             settle().await;
-            let r = cache.get(&k, MinTtl::Explicit(Duration::from_secs(1)), open).await.unwrap();
+            let r = cache
+                .get(&k, MinTtl::Explicit(Duration::from_secs(1)), open)
+                .await
+                .unwrap();
             assert_eq!((token_of(&r), r.1), ("token-0", Source::Cache));
         }
         assert!(fake.calls() >= 2, "the refresher kept trying");
@@ -820,20 +881,29 @@ mod tests {
         });
         let cache = TokenCache::new(fake.clone(), CacheConfig::default());
         let k = key(&["a"]);
-        assert!(matches!(cache.get(&k, DEFAULT, open).await, Err(CacheError::Upstream(_))));
+        assert!(matches!(
+            cache.get(&k, DEFAULT, open).await,
+            Err(CacheError::Upstream(_))
+        ));
         tokio::time::advance(Duration::from_secs(5)).await;
         let e = cache.get(&k, DEFAULT, open).await.unwrap_err();
         assert!(matches!(e, CacheError::Remembered { .. }), "{e}");
         assert!(e.to_string().contains("invalid_scope"), "{e}");
         assert_eq!(fake.calls(), 1);
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(matches!(cache.get(&k, DEFAULT, open).await, Err(CacheError::Upstream(_))));
+        assert!(matches!(
+            cache.get(&k, DEFAULT, open).await,
+            Err(CacheError::Upstream(_))
+        ));
         assert_eq!(fake.calls(), 2);
         // Transient errors are not remembered.
         *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server { status: 503 });
         let k2 = key(&["b"]);
         assert!(cache.get(&k2, DEFAULT, open).await.is_err());
-        assert!(matches!(cache.get(&k2, DEFAULT, open).await, Err(CacheError::Upstream(_))));
+        assert!(matches!(
+            cache.get(&k2, DEFAULT, open).await,
+            Err(CacheError::Upstream(_))
+        ));
         assert_eq!(fake.calls(), 4);
     }
 
@@ -844,9 +914,14 @@ mod tests {
         let k = key(&["a"]);
         cache.get(&k, DEFAULT, open).await.unwrap();
         let refuse = || Err(Duration::from_secs(3));
-        assert_eq!(cache.get(&k, DEFAULT, refuse).await.unwrap().1, Source::Cache);
+        assert_eq!(
+            cache.get(&k, DEFAULT, refuse).await.unwrap().1,
+            Source::Cache
+        );
         let e = cache.get(&key(&["b"]), DEFAULT, refuse).await.unwrap_err();
-        assert!(matches!(e, CacheError::RateLimited { retry_in } if retry_in == Duration::from_secs(3)));
+        assert!(
+            matches!(e, CacheError::RateLimited { retry_in } if retry_in == Duration::from_secs(3))
+        );
         assert_eq!(fake.calls(), 1);
     }
 
@@ -861,7 +936,10 @@ mod tests {
             },
         );
         for i in 0..500 {
-            cache.get(&key(&[&format!("s{i}")]), DEFAULT, open).await.unwrap();
+            cache
+                .get(&key(&[&format!("s{i}")]), DEFAULT, open)
+                .await
+                .unwrap();
             assert!(cache.len() <= SHARDS);
         }
     }

@@ -579,7 +579,10 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
         let key = t.key("rate_limit");
         if let Some(table) = as_table(errs, &key, v) {
             let mut r = Walk::new(&key, table);
-            for (name, slot) in [("per_minute", &mut d.rate_limit.per_minute), ("burst", &mut d.rate_limit.burst)] {
+            for (name, slot) in [
+                ("per_minute", &mut d.rate_limit.per_minute),
+                ("burst", &mut d.rate_limit.burst),
+            ] {
                 if let Some(v) = r.get(name) {
                     match positive(v, 1_000_000) {
                         Some(n) => *slot = n,
@@ -593,7 +596,10 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
     if let Some(v) = t.get("max_cached_tokens") {
         match positive(v, 10_000_000) {
             Some(n) => d.max_cached_tokens = n as usize,
-            None => errs.push(t.key("max_cached_tokens"), "expected a whole number from 1 to 10000000"),
+            None => errs.push(
+                t.key("max_cached_tokens"),
+                "expected a whole number from 1 to 10000000",
+            ),
         }
     }
     t.finish(errs);

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
+use crate::cache::CacheError;
 use crate::peer::PeerError;
 use crate::policy::Refusal;
 use crate::scope::ScopeError;
-use crate::cache::CacheError;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,9 @@ impl From<Error> for Status {
                 source: CacheError::Abandoned,
                 ..
             } => Code::Unavailable,
-            Error::Token { source, .. } if source.upstream().is_some_and(|u| u.is_transient()) => Code::Unavailable,
+            Error::Token { source, .. } if source.upstream().is_some_and(|u| u.is_transient()) => {
+                Code::Unavailable
+            }
             Error::Token { .. } => Code::FailedPrecondition,
         };
         let message = match code {

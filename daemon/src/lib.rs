@@ -53,7 +53,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new()?;
-    let broker = Arc::new(service::Broker::new(Arc::new(config), upstream, Path::new("/proc")));
+    let broker = Arc::new(service::Broker::new(
+        Arc::new(config),
+        upstream,
+        Path::new("/proc"),
+    ));
     server::serve(listener, broker, shutdown).await?;
     Ok(())
 }

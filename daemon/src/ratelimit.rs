@@ -56,7 +56,8 @@ impl RateLimiter {
 
     fn refill(&self, b: Bucket, now: Instant) -> f64 {
         let per_sec = f64::from(self.rate.per_minute) / 60.0;
-        (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec).min(f64::from(self.rate.burst))
+        (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec)
+            .min(f64::from(self.rate.burst))
     }
 
     /// Takes one token from `uid`'s bucket; `Err` with the wait until one is available when it is empty.
@@ -76,7 +77,10 @@ impl RateLimiter {
         let b = buckets.entry(uid).or_insert(full);
         let tokens = self.refill(*b, now);
         if tokens >= 1.0 {
-            *b = Bucket { tokens: tokens - 1.0, at: now };
+            *b = Bucket {
+                tokens: tokens - 1.0,
+                at: now,
+            };
             Ok(())
         } else {
             *b = Bucket { tokens, at: now };
@@ -105,8 +109,14 @@ mod tests {
         // Another uid is not affected.
         assert!(l.try_acquire(1001, now).is_ok());
         // One per second comes back.
-        assert!(l.try_acquire(1000, now + Duration::from_millis(1000)).is_ok());
-        assert!(l.try_acquire(1000, now + Duration::from_millis(1000)).is_err());
+        assert!(
+            l.try_acquire(1000, now + Duration::from_millis(1000))
+                .is_ok()
+        );
+        assert!(
+            l.try_acquire(1000, now + Duration::from_millis(1000))
+                .is_err()
+        );
         // Never more than the burst after a long pause.
         let later = now + Duration::from_secs(3600);
         for _ in 0..3 {

@@ -171,13 +171,21 @@ mod tests {
             calls.set(calls.get() + 1);
             let n = calls.get();
             async move {
-                if n < 3 { Err(UpstreamError::Server { status: 502 }) } else { Ok(issued()) }
+                if n < 3 {
+                    Err(UpstreamError::Server { status: 502 })
+                } else {
+                    Ok(issued())
+                }
             }
         })
         .await;
         assert!(r.is_ok());
         assert_eq!(calls.get(), 3);
-        assert!(start.elapsed() <= Duration::from_millis(600), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() <= Duration::from_millis(600),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -216,7 +224,10 @@ mod tests {
             }
         })
         .await;
-        assert!(matches!(r, Err(UpstreamError::Rejected { status: 401, .. })));
+        assert!(matches!(
+            r,
+            Err(UpstreamError::Rejected { status: 401, .. })
+        ));
         assert_eq!(calls.get(), 1);
     }
 

@@ -41,9 +41,14 @@ impl Fetcher for IdpFetcher {
         let (upstream, retry, scopes) = (self.upstream.clone(), self.retry, key.scopes.clone());
         Box::pin(async move {
             let Some(client) = client else {
-                return Err(UpstreamError::InvalidResponse("the client is no longer configured".to_owned()));
+                return Err(UpstreamError::InvalidResponse(
+                    "the client is no longer configured".to_owned(),
+                ));
             };
-            let result = with_retries(&retry, &client.name, &scopes, || upstream.fetch(&client, &scopes)).await;
+            let result = with_retries(&retry, &client.name, &scopes, || {
+                upstream.fetch(&client, &scopes)
+            })
+            .await;
             if let Err(e) = &result {
                 log_upstream_failure(&client.name, &scopes, e);
             }
@@ -151,14 +156,18 @@ impl Broker {
             scopes: scopes.clone(),
         };
         let admit = || self.limiter.try_acquire(caller.uid, Instant::now());
-        let (token, source) = self.cache.get(&key, min_ttl, admit).await.map_err(|source| {
-            let e = Error::Token {
-                client: client.name.clone(),
-                source,
-            };
-            audit::failed(&caller, &client.name, &scopes, &e);
-            e
-        })?;
+        let (token, source) = self
+            .cache
+            .get(&key, min_ttl, admit)
+            .await
+            .map_err(|source| {
+                let e = Error::Token {
+                    client: client.name.clone(),
+                    source,
+                };
+                audit::failed(&caller, &client.name, &scopes, &e);
+                e
+            })?;
         let now = Instant::now();
         if token.remaining(now) < min_ttl.required(token.lifetime) {
             return Err(deny(Error::LifetimeTooShort {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +76,9 @@ pub struct Recorded {
 struct State {
     clients: HashMap<String, Registration>,
     fault: Mutex<Fault>,
+    /// The next this-many requests fail with `fail_status`, whatever the fault.
+    fail_next: Mutex<(usize, u16)>,
+    arrivals: AtomicUsize,
     expires_in: AtomicU64,
     requests: Mutex<Vec<Recorded>>,
 }
@@ -106,6 +109,8 @@ impl StandInIdp {
         let state = Arc::new(State {
             clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
             fault: Mutex::new(Fault::None),
+            fail_next: Mutex::new((0, 503)),
+            arrivals: AtomicUsize::new(0),
             expires_in: AtomicU64::new(3600),
             requests: Mutex::new(Vec::new()),
         });
@@ -123,14 +128,24 @@ impl StandInIdp {
         *self.state.fault.lock().unwrap() = fault;
     }
 
+    /// Makes the next `n` requests fail with HTTP `status`, then behave as the fault says.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        *self.state.fail_next.lock().unwrap() = (n, status);
+    }
+
     /// Sets the `expires_in` of the next tokens.
     pub fn set_expires_in(&self, secs: u64) {
         self.state.expires_in.store(secs, Ordering::SeqCst);
     }
 
-    /// Number of token requests received.
+    /// Number of token requests answered.
     pub fn request_count(&self) -> usize {
         self.state.requests.lock().unwrap().len()
+    }
+
+    /// Number of token requests that have arrived, answered or not.
+    pub fn arrival_count(&self) -> usize {
+        self.state.arrivals.load(Ordering::SeqCst)
     }
 
     /// The requests received, oldest first.
@@ -210,6 +225,7 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<Option<(String, String)>
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infallible> {
+    state.arrivals.fetch_add(1, Ordering::SeqCst);
     if req.method() != hyper::Method::POST || req.uri().path() != "/oauth2/token" {
         return Ok(respond(StatusCode::NOT_FOUND, "text/plain", "not found"));
     }
@@ -250,7 +266,15 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
             .collect(),
         token: None,
     };
-    let fault = state.fault.lock().unwrap().clone();
+    let fault = {
+        let mut next = state.fail_next.lock().unwrap();
+        if next.0 > 0 {
+            next.0 -= 1;
+            Fault::Status(next.1)
+        } else {
+            state.fault.lock().unwrap().clone()
+        }
+    };
     let response = decide(&state, &fault, form_type, &params, auth, creds, &mut record).await;
     state.requests.lock().unwrap().push(record);
     Ok(response)

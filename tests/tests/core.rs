@@ -2,90 +2,13 @@
 //! `credbroker` CLI (as root and as uid 65534), and the stand-in token endpoint over real HTTP.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use credbroker_client::secrecy::ExposeSecret;
 use credbroker_client::{Error, TokenRequest};
-use credbroker_tests::idp::{Fault, Registration, StandInIdp};
-use credbroker_tests::{Daemon, DaemonOptions, TestDir, WAIT, bin, check_config};
-
-const NOBODY: (u32, u32) = (65534, 65534);
-/// Needs RFC 6749 §2.3.1 form-encoding inside Basic: '+', ':', '%', ' ' and '&'.
-const SECRET: &str = "s3cr3t+with:special%chars &more";
-const SCOPES: [&str; 4] = [
-    "scim:read",
-    "scim:write",
-    "internal_user_mgt_view",
-    "internal_user_mgt_list",
-];
-
-struct Setup {
-    dir: TestDir,
-    idp: StandInIdp,
-}
-
-impl Setup {
-    async fn new() -> Self {
-        let dir = TestDir::new();
-        dir.write("idp.secret", &format!("{SECRET}\n"), 0o600);
-        let idp = StandInIdp::start(
-            0,
-            vec![Registration {
-                id: "broker".into(),
-                secret: SECRET.into(),
-                scopes: SCOPES.iter().map(|s| (*s).to_owned()).collect(),
-            }],
-        )
-        .await;
-        Self { dir, idp }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("credbroker.sock")
-    }
-
-    /// The base config with `client_extra` appended to `[clients.idp]` and `tail` at the end.
-    fn config_with(&self, client_extra: &str, tail: &str) -> String {
-        format!(
-            r#"version = 1
-
-[daemon]
-socket = "{socket}"
-
-[clients.idp]
-token_url = "{url}"
-client_id = "broker"
-client_secret = {{ file = "{dir}/idp.secret" }}
-timeout = "2s"
-{client_extra}
-
-[[policy]]
-name = "root-all"
-match = {{ uid = 0 }}
-client = "idp"
-scopes = ["scim:*", "internal_user_mgt_*"]
-
-[[policy]]
-name = "nobody-read"
-match = {{ user = "nobody" }}
-client = "idp"
-scopes = ["scim:read"]
-{tail}"#,
-            socket = self.socket().display(),
-            url = self.idp.token_url(),
-            dir = self.dir.path().display(),
-        )
-    }
-
-    fn config(&self) -> String {
-        self.config_with("", "")
-    }
-
-    async fn daemon(&self) -> Daemon {
-        Daemon::start(&self.dir, &self.config()).await
-    }
-}
+use credbroker_tests::fixture::{NOBODY, SECRET, Setup};
+use credbroker_tests::idp::Fault;
+use credbroker_tests::{Daemon, DaemonOptions, WAIT, bin, check_config};
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
