@@ -127,6 +127,7 @@ impl From<tonic::Status> for Error {
 }
 
 /// An access token from the daemon.
+#[derive(Clone)]
 pub struct Token {
     access_token: SecretString,
     token_type: String,
@@ -378,14 +379,13 @@ impl Client {
             // Round up: a caller asking for 1.5 s needs 2.
             u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
         });
-        let mut req = tonic::Request::new(pb::GetTokenRequest {
+        let req = tonic::Request::new(pb::GetTokenRequest {
             scopes: request.scopes,
             client: request.client.unwrap_or_default(),
             min_ttl_seconds: min_ttl,
         });
-        req.set_timeout(self.timeout);
         let resp = self
-            .call(self.inner.clone().get_token(req))
+            .call(req, |mut c, r| async move { c.get_token(r).await })
             .await?
             .into_inner();
         let expires_at = resp
@@ -414,10 +414,9 @@ impl Client {
     /// [`Error::Unauthenticated`] when the daemon cannot identify this process; [`Error::is_retryable`] ones
     /// when it is unreachable.
     pub async fn whoami(&mut self) -> Result<WhoAmI, Error> {
-        let mut req = tonic::Request::new(pb::WhoAmIRequest {});
-        req.set_timeout(self.timeout);
+        let req = tonic::Request::new(pb::WhoAmIRequest {});
         let resp = self
-            .call(self.inner.clone().who_am_i(req))
+            .call(req, |mut c, r| async move { c.who_am_i(r).await })
             .await?
             .into_inner();
         let c = resp.caller.unwrap_or_default();
@@ -437,27 +436,131 @@ impl Client {
         })
     }
 
-    async fn call<T>(
+    /// Sends one call with the client's timeout. A call that fails because the connection broke (the daemon
+    /// restarted) is sent once more on a fresh connection: both RPCs are idempotent.
+    async fn call<Req, Resp, F, Fut>(
         &self,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<tonic::Response<T>, Error> {
-        match tokio::time::timeout(self.timeout + Duration::from_secs(1), call).await {
+        request: tonic::Request<Req>,
+        send: F,
+    ) -> Result<tonic::Response<Resp>, Error>
+    where
+        Req: Clone,
+        F: Fn(TokenBrokerClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let message = request.into_inner();
+        let attempt = |message: Req| {
+            let mut req = tonic::Request::new(message);
+            req.set_timeout(self.timeout);
+            tokio::time::timeout(
+                self.timeout + Duration::from_secs(1),
+                send(self.inner.clone(), req),
+            )
+        };
+        let mut result = attempt(message.clone()).await;
+        if matches!(&result, Ok(Err(status)) if is_transport(status)) {
+            result = attempt(message).await;
+        }
+        match result {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(status))
-                if status.code() == tonic::Code::Unavailable
-                    && status.message().contains("transport") =>
-            {
-                Err(Error::Connect {
-                    socket: self.socket.clone(),
-                    source: status.message().to_owned().into(),
-                })
-            }
+            Ok(Err(status)) if is_transport(&status) => Err(Error::Connect {
+                socket: self.socket.clone(),
+                source: status.message().to_owned().into(),
+            }),
             Ok(Err(status)) => Err(status.into()),
             Err(_) => Err(Error::Timeout(format!(
                 "no answer within {:?}",
                 self.timeout
             ))),
         }
+    }
+
+    /// A [`TokenSource`] that reuses the token `request` gets until it nears its min TTL.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: credbroker_client::Client) -> Result<(), credbroker_client::Error> {
+    /// use credbroker_client::TokenRequest;
+    ///
+    /// let source = client.token_source(TokenRequest::new(["scim:read"]));
+    /// for _ in 0..1000 {
+    ///     let token = source.token().await?; // asks the daemon only when the token nears expiry
+    /// #   let _ = token;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn token_source(&self, request: TokenRequest) -> TokenSource {
+        TokenSource {
+            client: self.clone(),
+            request,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// Whether a status means the connection to the daemon failed, rather than the daemon answering: tonic
+/// attaches the transport error as the status's source only for failures on this side.
+fn is_transport(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown
+    ) && std::error::Error::source(status).is_some()
+}
+
+/// Opt-in in-process reuse: keeps the last token and asks the daemon again only when it nears its min TTL
+/// (the request's, else 60 s capped at half the token's lifetime), so hot loops do not pay an RPC per call.
+///
+/// # Security
+/// The token stays in this process's memory (in a [`SecretString`]) while it is reused.
+pub struct TokenSource {
+    client: Client,
+    request: TokenRequest,
+    current: tokio::sync::Mutex<Option<(Token, SystemTime)>>,
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default least time left on a reused token when the request sets no min TTL.
+pub const DEFAULT_REUSE_MIN_TTL: Duration = Duration::from_secs(60);
+
+/// Whether a token received at `received` that expires at `expires` may still be reused at `now`.
+fn reusable(
+    received: SystemTime,
+    expires: SystemTime,
+    min_ttl: Option<Duration>,
+    now: SystemTime,
+) -> bool {
+    let lifetime = expires.duration_since(received).unwrap_or_default();
+    let needed = min_ttl.unwrap_or_else(|| DEFAULT_REUSE_MIN_TTL.min(lifetime / 2));
+    expires.duration_since(now).is_ok_and(|left| left > needed)
+}
+
+impl TokenSource {
+    /// The current token, fetched anew from the daemon when it nears its min TTL.
+    ///
+    /// # Errors
+    /// As [`Client::get_token`], when a new token is needed and cannot be had.
+    pub async fn token(&self) -> Result<Token, Error> {
+        let mut current = self.current.lock().await;
+        if let Some((token, received)) = current.as_ref()
+            && reusable(
+                *received,
+                token.expires_at,
+                self.request.min_ttl,
+                SystemTime::now(),
+            )
+        {
+            return Ok(token.clone());
+        }
+        let received = SystemTime::now();
+        let token = self.client.clone().get_token(self.request.clone()).await?;
+        *current = Some((token.clone(), received));
+        Ok(token)
     }
 }
 
@@ -469,9 +572,141 @@ fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
+/// A blocking facade for programs without an async runtime (feature `blocking`).
+///
+/// ```no_run
+/// # fn demo() -> Result<(), credbroker_client::Error> {
+/// let mut client = credbroker_client::blocking::Client::from_env()?;
+/// let token = client.token(["scim:read"])?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "blocking")]
+pub mod blocking {
+    use std::path::Path;
+
+    use super::{Error, Token, TokenRequest, WhoAmI};
+
+    /// A blocking client: each call runs on a private single-threaded runtime. Do not call it from async code.
+    #[derive(Debug)]
+    pub struct Client {
+        runtime: tokio::runtime::Runtime,
+        inner: super::Client,
+    }
+
+    fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Other {
+                code: tonic::Code::Internal,
+                message: format!("cannot start a runtime: {e}"),
+            })
+    }
+
+    impl Client {
+        /// Connects to the daemon's socket at `socket`.
+        ///
+        /// # Errors
+        /// [`Error::Connect`] when the socket cannot be reached.
+        pub fn connect(socket: impl AsRef<Path>) -> Result<Self, Error> {
+            let runtime = runtime()?;
+            let inner = runtime.block_on(super::Client::connect(socket))?;
+            Ok(Self { runtime, inner })
+        }
+
+        /// Connects to the socket [`super::discover_socket`] finds.
+        ///
+        /// # Errors
+        /// [`Error::Connect`] when the socket cannot be reached.
+        pub fn from_env() -> Result<Self, Error> {
+            Self::connect(super::discover_socket())
+        }
+
+        /// As [`super::Client::token`].
+        ///
+        /// # Errors
+        /// As [`super::Client::token`].
+        pub fn token<I, S>(&mut self, scopes: I) -> Result<Token, Error>
+        where
+            I: IntoIterator<Item = S>,
+            S: Into<String>,
+        {
+            self.get_token(TokenRequest::new(scopes))
+        }
+
+        /// As [`super::Client::get_token`].
+        ///
+        /// # Errors
+        /// As [`super::Client::get_token`].
+        pub fn get_token(&mut self, request: TokenRequest) -> Result<Token, Error> {
+            self.runtime.block_on(self.inner.get_token(request))
+        }
+
+        /// As [`super::Client::whoami`].
+        ///
+        /// # Errors
+        /// As [`super::Client::whoami`].
+        pub fn whoami(&mut self) -> Result<WhoAmI, Error> {
+            self.runtime.block_on(self.inner.whoami())
+        }
+    }
+}
+
+/// Puts a token on a `reqwest` request (feature `reqwest`).
+///
+/// ```no_run
+/// # async fn demo(token: credbroker_client::Token) -> Result<(), reqwest::Error> {
+/// use credbroker_client::RequestBuilderExt;
+///
+/// let response = reqwest::Client::new()
+///     .get("https://api.example.com/scim2/Users")
+///     .credbroker_auth(&token)
+///     .send()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "reqwest")]
+pub trait RequestBuilderExt {
+    /// Sets `Authorization: Bearer <token>`, marked sensitive (not logged by reqwest or hyper).
+    fn credbroker_auth(self, token: &Token) -> Self;
+}
+
+#[cfg(feature = "reqwest")]
+impl RequestBuilderExt for reqwest::RequestBuilder {
+    fn credbroker_auth(self, token: &Token) -> Self {
+        match reqwest::header::HeaderValue::from_str(token.bearer_header().expose_secret()) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                self.header(reqwest::header::AUTHORIZATION, value)
+            }
+            // The daemon only hands out printable ASCII tokens; anything else cannot be a header.
+            Err(_) => self,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reuse_until_the_min_ttl_nears() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let exp = t0 + Duration::from_secs(3600);
+        assert!(reusable(t0, exp, None, t0 + Duration::from_secs(3500)));
+        assert!(!reusable(t0, exp, None, t0 + Duration::from_secs(3541)));
+        assert!(!reusable(
+            t0,
+            exp,
+            Some(Duration::from_secs(600)),
+            t0 + Duration::from_secs(3001)
+        ));
+        // A short-lived token is reused for its first half at most.
+        let short = t0 + Duration::from_secs(30);
+        assert!(reusable(t0, short, None, t0 + Duration::from_secs(14)));
+        assert!(!reusable(t0, short, None, t0 + Duration::from_secs(16)));
+        assert!(!reusable(t0, exp, None, exp + Duration::from_secs(1)));
+    }
 
     #[test]
     fn socket_discovery_order() {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use credbroker_client::secrecy::ExposeSecret;
 use credbroker_client::{Client, Error, Token, TokenRequest};
 
@@ -31,11 +31,12 @@ Exit codes:
   64  usage: bad arguments, invalid scope, unknown or ambiguous client
   75  retryable: daemon unreachable, IdP unavailable, rate limited
   77  denied: no policy allows this process the requested client or scope
-  78  operator action needed: the IdP rejected the broker's credentials or the scope";
+  78  operator action needed: the IdP rejected the broker's credentials or the scope
+exec: once CMD runs, the exit status is CMD's own; 126 or 127 if it cannot be run";
 
 /// Least-privilege OAuth 2.0 tokens from credbrokerd, for this process as the kernel identifies it.
 #[derive(Parser)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(name = "credbroker", version, about, after_help = EXIT_CODES)]
 struct Cli {
     /// The daemon's socket [default: $CREDBROKER_SOCKET, else /run/credbroker/credbroker.sock, else
     /// $XDG_RUNTIME_DIR/credbroker/credbroker.sock]
@@ -63,6 +64,26 @@ enum Command {
         #[arg(required = true, value_name = "SCOPE")]
         scopes: Vec<String>,
     },
+    /// Run CMD with a token in its environment (never on a command line). credbroker replaces itself with
+    /// CMD, so CMD's exit status and the signals sent to it are its own.
+    #[command(after_help = EXIT_CODES)]
+    Exec {
+        /// The client (IdP registration) to use; needed when your policies name several.
+        #[arg(short, long)]
+        client: Option<String>,
+        /// The token must stay valid at least this long: "90", "90s", "5m".
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        min_ttl: Option<Duration>,
+        /// The environment variable that carries the token.
+        #[arg(long = "env", value_name = "NAME", default_value = "ACCESS_TOKEN", value_parser = parse_env_name)]
+        env: String,
+        /// A scope to request; repeat for several (a quoted scope string is split too).
+        #[arg(short = 's', long = "scope", required = true, num_args = 1.., value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Show how the daemon sees this process, and what it may request.
     #[command(after_help = EXIT_CODES)]
     Whoami {
@@ -70,6 +91,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = WhoamiFormat::Text)]
         format: WhoamiFormat,
     },
+    /// Print a shell completion script (e.g. `credbroker completions bash > /etc/bash_completion.d/credbroker`).
+    Completions {
+        /// The shell.
+        shell: Shell,
+    },
+    /// Print the man page (roff), e.g. `credbroker manpage > /usr/local/share/man/man1/credbroker.1`.
+    Manpage,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+    Elvish,
+    Powershell,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -96,6 +133,37 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. \"90\", \"90s\" or \"5m\")"))
 }
 
+fn parse_env_name(s: &str) -> Result<String, String> {
+    let valid = !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?} is not an environment variable name"))
+    }
+}
+
+/// Splits pasted OAuth scope strings ("a b c") into scopes.
+fn split_scopes(scopes: &[String]) -> Vec<String> {
+    scopes
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn request(scopes: &[String], client: Option<String>, min_ttl: Option<Duration>) -> TokenRequest {
+    let mut request = TokenRequest::new(split_scopes(scopes));
+    if let Some(client) = client {
+        request = request.client(client);
+    }
+    if let Some(min_ttl) = min_ttl {
+        request = request.min_ttl(min_ttl);
+    }
+    request
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -119,12 +187,47 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::from(exit::OK),
+        Ok(Next::Done) => ExitCode::from(exit::OK),
+        Ok(Next::Exec {
+            command,
+            env,
+            token,
+        }) => {
+            drop(runtime);
+            exec(&command, &env, &token)
+        }
         Err(e) => {
             eprintln!("credbroker: {e}");
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// What to do once the daemon has answered.
+enum Next {
+    Done,
+    Exec {
+        command: Vec<String>,
+        env: String,
+        token: Token,
+    },
+}
+
+/// Replaces this process with `command`, the token in `env`. Returns only if that fails.
+fn exec(command: &[String], env: &str, token: &Token) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let (program, args) = command.split_first().expect("clap requires a command");
+    let err = std::process::Command::new(program)
+        .args(args)
+        .env(env, token.access_token().expose_secret())
+        .exec();
+    eprintln!("credbroker: cannot run {program}: {err}");
+    // As shells do: 127 when the command is not found, 126 when it cannot be executed.
+    ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 fn exit_code(e: &Error) -> u8 {
@@ -141,7 +244,18 @@ fn exit_code(e: &Error) -> u8 {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli) -> Result<Next, Error> {
+    match &cli.command {
+        Command::Completions { shell } => {
+            print_completions(*shell);
+            return Ok(Next::Done);
+        }
+        Command::Manpage => {
+            let _ = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
+            return Ok(Next::Done);
+        }
+        _ => {}
+    }
     let socket = cli
         .socket
         .unwrap_or_else(credbroker_client::discover_socket);
@@ -153,22 +267,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
             format,
             scopes,
         } => {
-            // A pasted OAuth scope string ("a b c") is several scopes.
-            let scopes: Vec<String> = scopes
-                .iter()
-                .flat_map(|s| s.split_whitespace())
-                .map(str::to_owned)
-                .collect();
-            let mut request = TokenRequest::new(scopes);
-            if let Some(name) = name {
-                request = request.client(name);
-            }
-            if let Some(min_ttl) = min_ttl {
-                request = request.min_ttl(min_ttl);
-            }
-            let token = client.get_token(request).await?;
+            let token = client.get_token(request(&scopes, name, min_ttl)).await?;
             println!("{}", render(&token, format));
         }
+        Command::Exec {
+            client: name,
+            min_ttl,
+            env,
+            scopes,
+            command,
+        } => {
+            let token = client.get_token(request(&scopes, name, min_ttl)).await?;
+            return Ok(Next::Exec {
+                command,
+                env,
+                token,
+            });
+        }
+        Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
         Command::Whoami { format } => {
             let me = client.whoami().await?;
             match format {
@@ -204,7 +320,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
     }
-    Ok(())
+    Ok(Next::Done)
+}
+
+fn print_completions(shell: Shell) {
+    use clap_complete::Shell as S;
+    let shell = match shell {
+        Shell::Bash => S::Bash,
+        Shell::Zsh => S::Zsh,
+        Shell::Fish => S::Fish,
+        Shell::Elvish => S::Elvish,
+        Shell::Powershell => S::PowerShell,
+    };
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "credbroker",
+        &mut std::io::stdout(),
+    );
 }
 
 fn render(token: &Token, format: Format) -> String {

@@ -1,0 +1,277 @@
+//! The `credbroker` CLI and the client library against the real daemon: `exec`, `whoami`, exit codes, error
+//! messages, completions and man page; reconnecting after a daemon restart, in-process token reuse, the
+//! blocking facade and the reqwest integration.
+
+use std::process::Stdio;
+
+use credbroker_client::secrecy::ExposeSecret;
+use credbroker_client::{Client, RequestBuilderExt, TokenRequest};
+use credbroker_tests::fixture::{NOBODY, Setup};
+use credbroker_tests::{Daemon, WAIT, bin, run_cli};
+use tokio::io::AsyncBufReadExt;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn exec_hands_the_token_to_the_command_in_its_environment_only() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    // The token arrives in ACCESS_TOKEN, the command's exit status is passed through, and the token is on
+    // no command line.
+    let script = r#"echo "$ACCESS_TOKEN"; tr '\0' ' ' < /proc/$$/cmdline; echo; exit 7"#;
+    let out = d
+        .cli(
+            Some(NOBODY),
+            &["exec", "-s", "scim:read", "--", "sh", "-c", script],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let token = s.idp.issued_tokens()[0].clone();
+    assert_eq!(lines.next(), Some(token.as_str()));
+    let cmdline = lines.next().unwrap();
+    assert!(
+        cmdline.starts_with("sh -c") && !cmdline.contains(&token),
+        "{cmdline}"
+    );
+
+    // --env names the variable; -s takes several scopes.
+    let out = d
+        .cli(
+            None,
+            &[
+                "exec",
+                "--env",
+                "API_TOKEN",
+                "-s",
+                "scim:read",
+                "scim:write",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$API_TOKEN\"",
+            ],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), s.idp.issued_tokens()[1]);
+    assert_eq!(s.idp.requests()[1].scope, "scim:read scim:write");
+
+    // Denied: the command never runs.
+    let out = d
+        .cli(
+            Some(NOBODY),
+            &["exec", "-s", "scim:write", "--", "sh", "-c", "echo ran"],
+        )
+        .await;
+    assert_eq!(out.status.code(), Some(77));
+    assert!(!stdout(&out).contains("ran"));
+
+    // A command that does not exist: 127, as a shell would say.
+    let out = d
+        .cli(None, &["exec", "-s", "scim:read", "--", "/nonexistent/cmd"])
+        .await;
+    assert_eq!(out.status.code(), Some(127), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot run /nonexistent/cmd"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn signals_sent_to_exec_reach_the_command() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let mut cmd = tokio::process::Command::new(bin("credbroker"));
+    cmd.arg("--socket")
+        .arg(&d.socket)
+        .args([
+            "exec",
+            "-s",
+            "scim:read",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, out.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(42));
+}
+
+#[tokio::test]
+async fn whoami_text_shows_the_kernel_view_and_grants() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let out = d.cli(Some(NOBODY), &["whoami"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("uid:    65534 (nobody)"), "{text}");
+    assert!(text.contains("groups: nogroup"), "{text}");
+    assert!(
+        text.contains(&format!("exe:    {}", bin("credbroker").display())),
+        "{text}"
+    );
+    assert!(text.contains("grant:  idp: scim:read"), "{text}");
+}
+
+#[tokio::test]
+async fn usage_errors_exit_64_and_an_unreachable_daemon_exits_75_naming_the_socket() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    for args in [
+        &["token"][..],
+        &["token", "--format", "xml", "a"],
+        &["token", "--min-ttl", "soon", "a"],
+        &["frobnicate"],
+        &["exec", "-s", "a"],
+    ] {
+        let out = d.cli(None, args).await;
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+    }
+    let out = d.cli(None, &["--help"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("77  denied"), "{}", stdout(&out));
+
+    let missing = s.dir.path().join("nowhere.sock");
+    let mut cmd = tokio::process::Command::new(bin("credbroker"));
+    cmd.arg("token")
+        .arg("scim:read")
+        .env("CREDBROKER_SOCKET", &missing);
+    let out = run_cli(cmd, None).await;
+    assert_eq!(out.status.code(), Some(75));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("systemctl status"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn completions_and_man_page_come_from_the_cli_definition() {
+    let mut cmd = tokio::process::Command::new(bin("credbroker"));
+    cmd.args(["completions", "bash"]);
+    let out = run_cli(cmd, None).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout(&out).contains("_credbroker()") && stdout(&out).contains("whoami"));
+    let mut cmd = tokio::process::Command::new(bin("credbroker"));
+    cmd.arg("manpage");
+    let out = run_cli(cmd, None).await;
+    assert_eq!(out.status.code(), Some(0));
+    let man = stdout(&out);
+    assert!(
+        man.contains(".TH credbroker 1") && man.contains("exec"),
+        "{man}"
+    );
+}
+
+#[tokio::test]
+async fn the_library_reconnects_after_the_daemon_restarts() {
+    let s = Setup::new().await;
+    let config = s.config();
+    let d = Daemon::start(&s.dir, &config).await;
+    let mut c = d.client().await;
+    c.token(["scim:read"]).await.unwrap();
+    assert_eq!(d.stop().await.code(), Some(0));
+    // While it is down: a retryable connection error.
+    let err = c.token(["scim:read"]).await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    let d = Daemon::start(&s.dir, &config).await;
+    // Same client, no reconnect call: it just works again.
+    let t = c.token(["scim:read"]).await.unwrap();
+    assert_eq!(t.access_token().expose_secret(), s.idp.issued_tokens()[1]);
+    drop(d);
+}
+
+#[tokio::test]
+async fn a_token_source_reuses_its_token_without_asking_the_daemon() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let source = d
+        .client()
+        .await
+        .token_source(TokenRequest::new(["scim:read"]));
+    let first = source.token().await.unwrap();
+    // The daemon is gone: a reused token does not need it.
+    d.stop().await;
+    for _ in 0..100 {
+        let t = source.token().await.unwrap();
+        assert_eq!(
+            t.access_token().expose_secret(),
+            first.access_token().expose_secret()
+        );
+    }
+    // (When the token nears its min TTL the source asks the daemon again: see the client's unit tests.)
+}
+
+#[test]
+fn the_blocking_facade_works_without_an_async_runtime() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (s, d) = rt.block_on(async {
+        let s = Setup::new().await;
+        let d = s.daemon().await;
+        (s, d)
+    });
+    let socket = d.socket.clone();
+    // A plain thread, as in a program with no runtime of its own.
+    let token = std::thread::spawn(move || {
+        let mut c = credbroker_client::blocking::Client::connect(&socket).unwrap();
+        assert_eq!(c.whoami().unwrap().uid, 0);
+        c.token(["scim:read"])
+            .unwrap()
+            .access_token()
+            .expose_secret()
+            .to_owned()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(token, s.idp.issued_tokens()[0]);
+    drop(d);
+    drop(rt);
+}
+
+#[tokio::test]
+async fn the_reqwest_integration_sets_a_sensitive_bearer_header() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let mut c: Client = d.client().await;
+    let token = c.token(["scim:read"]).await.unwrap();
+    let request = reqwest::Client::new()
+        .get("http://127.0.0.1:9/")
+        .credbroker_auth(&token)
+        .build()
+        .unwrap();
+    let value = request.headers().get("authorization").unwrap();
+    assert_eq!(
+        value.to_str().unwrap(),
+        format!("Bearer {}", s.idp.issued_tokens()[0])
+    );
+    assert!(value.is_sensitive());
+}
