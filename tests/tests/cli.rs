@@ -263,6 +263,8 @@ async fn the_reqwest_integration_sets_a_sensitive_bearer_header() {
     let d = s.daemon().await;
     let mut c: Client = d.client().await;
     let token = c.token(["scim:read"]).await.unwrap();
+    // The workspace builds reqwest with rustls and no default crypto provider (the daemon installs ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let request = reqwest::Client::new()
         .get("http://127.0.0.1:9/")
         .credbroker_auth(&token)
