@@ -342,6 +342,18 @@ impl TokenCache {
         self.len() == 0
     }
 
+    /// Drops every entry whose client `keep` rejects (their refreshers stop); returns how many went.
+    pub fn retain_clients(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut dropped = 0;
+        for shard in &self.inner.shards {
+            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+            let before = map.len();
+            map.retain(|k, _| keep(&k.client));
+            dropped += before - map.len();
+        }
+        dropped
+    }
+
     /// A token for `key` that satisfies `min_ttl`: the cached one, or a new one. A new fetch is started only
     /// if `admit` allows it (the caller's rate limit); joining a fetch already under way is free.
     ///

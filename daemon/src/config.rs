@@ -58,6 +58,17 @@ pub struct DaemonConfig {
     pub rate_limit: Rate,
     /// Most (client, scope set) entries cached.
     pub max_cached_tokens: usize,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text (the default).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// How the broker authenticates to the token endpoint.
@@ -108,6 +119,19 @@ pub struct ClientConfig {
     pub default_ttl: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Whether `other` talks to the same endpoint with the same credentials and parameters, so tokens
+    /// fetched under one are valid under the other (a reload keeps them).
+    pub fn same_upstream(&self, other: &ClientConfig) -> bool {
+        self.token_url == other.token_url
+            && self.client_id == other.client_id
+            && self.secret.expose() == other.secret.expose()
+            && self.auth_method == other.auth_method
+            && self.basic_encoding == other.basic_encoding
+            && self.extra_params == other.extra_params
+    }
 }
 
 /// One problem in a config file.
@@ -338,6 +362,7 @@ impl DaemonConfig {
             default_min_ttl: Duration::from_secs(60),
             rate_limit: Rate::default(),
             max_cached_tokens: 10_000,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -592,6 +617,12 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
             }
             r.finish(errs);
         }
+    }
+    match t.get("log_format") {
+        None => {}
+        Some(Value::String(s)) if s == "text" => d.log_format = LogFormat::Text,
+        Some(Value::String(s)) if s == "json" => d.log_format = LogFormat::Json,
+        Some(_) => errs.push(t.key("log_format"), "expected \"text\" or \"json\""),
     }
     if let Some(v) = t.get("max_cached_tokens") {
         match positive(v, 10_000_000) {

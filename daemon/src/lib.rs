@@ -38,26 +38,140 @@ pub mod upstream;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use credbroker_proto::TokenBrokerServer;
 use tokio::net::UnixListener;
+use tokio_stream::{Stream, StreamExt};
 
 pub use config::Config;
+use config::ConfigErrors;
+use notify::Notifier;
 
-/// Serves `config` on `listener` until `shutdown` completes.
+/// What the daemon is told from outside while it runs (by signals, in `credbrokerd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Re-read the config and secrets (SIGHUP).
+    Reload,
+    /// Stop accepting, finish in-flight calls, exit (SIGTERM, SIGINT); the name is logged.
+    Shutdown(&'static str),
+}
+
+/// How the daemon runs.
+pub struct Options {
+    /// Loads the config again, for reloads.
+    pub reload_config: Box<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>,
+    /// Readiness and status notifications (`sd_notify`).
+    pub notifier: Notifier,
+    /// Send `WATCHDOG=1` this often.
+    pub watchdog: Option<Duration>,
+    /// How long in-flight calls may take to finish after a shutdown signal.
+    pub grace: Duration,
+}
+
+/// Serves `config` on `listener`, reloading on [`Signal::Reload`], until [`Signal::Shutdown`] (or the end of
+/// `signals`); then drains in-flight calls for at most `options.grace`.
 ///
 /// # Errors
 /// When the HTTP client for the IdPs cannot be built, or the gRPC server fails.
 pub async fn run(
     config: Config,
     listener: UnixListener,
-    shutdown: impl Future<Output = ()>,
+    signals: impl Stream<Item = Signal>,
+    options: Options,
 ) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new()?;
-    let broker = Arc::new(service::Broker::new(
-        Arc::new(config),
-        upstream,
-        Path::new("/proc"),
-    ));
-    server::serve(listener, broker, shutdown).await?;
+    let summary = format!(
+        "serving {} clients, {} policies",
+        config.clients.len(),
+        config.policies.policies().len()
+    );
+    let broker = Arc::new(service::Broker::new(Arc::new(config), upstream, Path::new("/proc")));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TokenBrokerServer<service::Broker>>().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(server::serve(listener, broker.clone(), health_service, async {
+        let _ = stopped.await;
+    }));
+    let notifier = &options.notifier;
+    notify(notifier, &format!("READY=1\nSTATUS={summary}"));
+    let _watchdog = options.watchdog.map(|every| {
+        let notifier = notifier.clone();
+        tracing::info!(interval_ms = every.as_millis() as u64, "systemd watchdog enabled");
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                notify(&notifier, "WATCHDOG=1");
+            }
+        }))
+    });
+    tokio::pin!(signals);
+    let reason = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Some(Signal::Reload) => reload(&broker, &options),
+                Some(Signal::Shutdown(name)) => break name,
+                None => break "end of signals",
+            },
+            result = &mut server => return result?,
+        }
+    };
+    tracing::info!("{reason}: shutting down; draining in-flight calls for up to {}", humantime::format_duration(options.grace));
+    notify(notifier, "STOPPING=1\nSTATUS=shutting down");
+    health.set_not_serving::<TokenBrokerServer<service::Broker>>().await;
+    let _ = stop.send(());
+    tokio::select! {
+        result = &mut server => result??,
+        () = tokio::time::sleep(options.grace) => {
+            tracing::warn!("calls still in flight after the grace period; exiting anyway");
+            server.abort();
+        }
+    }
     Ok(())
+}
+
+fn notify(notifier: &Notifier, state: &str) {
+    if let Err(e) = notifier.notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+fn reload(broker: &service::Broker, options: &Options) {
+    notify(&options.notifier, "RELOADING=1\nSTATUS=reloading");
+    match (options.reload_config)() {
+        Ok(config) => {
+            let summary = format!(
+                "serving {} clients, {} policies",
+                config.clients.len(),
+                config.policies.policies().len()
+            );
+            let r = broker.reload(config);
+            tracing::info!(
+                clients_changed = %r.clients_changed.join(","),
+                tokens_dropped = r.tokens_dropped,
+                "config reloaded: {summary}"
+            );
+            for setting in r.need_restart {
+                tracing::warn!("{setting} changed: takes effect after a restart");
+            }
+            notify(&options.notifier, &format!("READY=1\nSTATUS={summary}"));
+        }
+        Err(errors) => {
+            for e in &errors.errors {
+                tracing::error!(key = %e.key, "{}", e.message);
+            }
+            tracing::error!("config reload refused ({} errors); still serving the previous config", errors.errors.len());
+            notify(&options.notifier, "READY=1\nSTATUS=reload refused; serving the previous config");
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

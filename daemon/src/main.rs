@@ -1,19 +1,23 @@
-//! `credbrokerd`: parses flags, makes the process non-dumpable, sets up logging, loads the config and runs
-//! the daemon until SIGTERM or SIGINT.
+//! `credbrokerd`: parses flags, makes the process non-dumpable, loads the config, sets up logging, takes the
+//! socket (from systemd or by binding it) and runs the daemon until SIGTERM or SIGINT, reloading on SIGHUP.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use credbroker_daemon::config::{self, Config};
-use credbroker_daemon::notify::Notifier;
+use credbroker_daemon::config::{self, Config, LogFormat};
+use credbroker_daemon::notify::{self, Notifier};
 use credbroker_daemon::secret::SecretEnv;
-use credbroker_daemon::{server, sys};
+use credbroker_daemon::{Options, Signal, server, sys};
+use tokio_stream::StreamExt;
 
 /// Exit code for a bad config or bad flags (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code when the process cannot be made non-dumpable (EX_OSERR).
 const EXIT_OSERR: u8 = 71;
+/// How long in-flight calls may take to finish after SIGTERM.
+const GRACE: Duration = Duration::from_secs(10);
 
 /// Hands least-privilege OAuth 2.0 tokens to local processes over a Unix socket.
 ///
@@ -35,6 +39,10 @@ enum Command {
     CheckConfig,
 }
 
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 fn main() -> ExitCode {
     // Before anything reads a secret: no core dumps, no ptrace or /proc/<pid>/mem by other processes.
     if let Err(e) = sys::make_non_dumpable() {
@@ -42,16 +50,6 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_OSERR);
     }
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
-        && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
-
     let config = match Config::load(&cli.config, &SecretEnv::process()) {
         Ok(c) => c,
         Err(e) => {
@@ -64,6 +62,7 @@ fn main() -> ExitCode {
         print!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
+    init_logging(config.daemon.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -71,7 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, &cli.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -81,49 +80,59 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Text by default (without timestamps under journald, which adds its own), JSON when configured; the
+/// level filter comes from `CREDBROKER_LOG` (default `info`).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && env("NO_COLOR").is_none();
+            let builder = builder.with_ansi(ansi);
+            if env("JOURNAL_STREAM").is_some() {
+                builder.without_time().init();
+            } else {
+                builder.init();
+            }
+        }
+    }
+}
+
+async fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let d = &config.daemon;
-    let socket = d.socket.clone();
-    let listener = server::bind(&socket, d.socket_mode, d.socket_group.as_ref().map(|g| g.1))?;
-    tracing::info!(
-        socket = %socket.display(),
-        clients = config.clients.len(),
-        policies = config.policies.policies().len(),
-        "serving"
-    );
-    let notifier = Notifier::new(std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from));
-    let shutdown = {
-        let notifier = notifier.clone();
-        async move {
-            let reason = shutdown_signal().await;
-            tracing::info!("{reason}: shutting down");
-            let _ = notifier.notify("STOPPING=1");
+    let (listener, bound) = match sys::take_listen_fd(env("LISTEN_PID").as_deref(), env("LISTEN_FDS").as_deref())? {
+        Some(passed) => {
+            tracing::info!("serving the socket systemd passed");
+            (tokio::net::UnixListener::from_std(passed)?, None)
+        }
+        None => {
+            let listener = server::bind(&d.socket, d.socket_mode, d.socket_group.as_ref().map(|g| g.1))?;
+            tracing::info!(socket = %d.socket.display(), "serving");
+            (listener, Some(d.socket.clone()))
         }
     };
-    let served = credbroker_daemon::run(config, listener, async {
-        if let Err(e) = notifier.notify("READY=1\nSTATUS=serving") {
-            tracing::warn!(error = %e, "cannot notify readiness");
-        }
-        shutdown.await;
-    });
-    let result = served.await;
-    if let Err(e) = std::fs::remove_file(&socket) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let on = |kind: SignalKind, what: Signal| -> anyhow::Result<_> {
+        Ok(tokio_stream::wrappers::SignalStream::new(signal(kind)?).map(move |()| what))
+    };
+    let signals = on(SignalKind::hangup(), Signal::Reload)?
+        .merge(on(SignalKind::terminate(), Signal::Shutdown("SIGTERM"))?)
+        .merge(on(SignalKind::interrupt(), Signal::Shutdown("SIGINT"))?);
+    let path = config_path.to_owned();
+    let options = Options {
+        reload_config: Box::new(move || Config::load(&path, &SecretEnv::process())),
+        notifier: Notifier::new(std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from)),
+        watchdog: notify::watchdog_interval(env("WATCHDOG_USEC").as_deref(), env("WATCHDOG_PID").as_deref()),
+        grace: GRACE,
+    };
+    let result = credbroker_daemon::run(config, listener, signals, options).await;
+    // Remove the socket only if this process bound it: one systemd passed belongs to systemd.
+    if let Some(socket) = bound
+        && let Err(e) = std::fs::remove_file(&socket)
+    {
         tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the socket");
     }
     result
-}
-
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

@@ -34,4 +34,22 @@ impl Notifier {
         UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
         Ok(())
     }
+
+    /// Whether notifications go anywhere.
+    pub fn is_enabled(&self) -> bool {
+        self.socket.is_some()
+    }
+}
+
+/// The watchdog interval systemd expects (`WatchdogSec=`), from `WATCHDOG_USEC` and `WATCHDOG_PID` (values
+/// read from the environment by the caller): half the timeout, or `None` when no watchdog is set for this
+/// process.
+pub fn watchdog_interval(usec: Option<&str>, pid: Option<&str>) -> Option<std::time::Duration> {
+    if let Some(pid) = pid
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    let usec: u64 = usec?.parse().ok().filter(|u| *u > 0)?;
+    Some(std::time::Duration::from_micros(usec) / 2)
 }

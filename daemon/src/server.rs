@@ -182,16 +182,21 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Result<PeerStream,
     }
 }
 
-/// Serves `broker` on `listener` until `shutdown` completes, then stops accepting and lets in-flight calls
-/// finish.
+/// Serves `broker`, gRPC health (`grpc.health.v1.Health`, reported through `health`) and server reflection
+/// on `listener` until `shutdown` completes, then stops accepting and lets in-flight calls finish.
 ///
 /// # Errors
-/// tonic's transport error.
+/// tonic's transport error, or a reflection set-up error.
 pub async fn serve(
     listener: UnixListener,
     broker: Arc<Broker>,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
+) -> anyhow::Result<()> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(credbroker_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio::spawn(accept_loop(listener, tx));
     let service = TokenBrokerServer::from_arc(broker)
@@ -203,8 +208,10 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(Duration::from_secs(120))
         .add_service(service)
+        .add_service(health)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();
-    result
+    Ok(result?)
 }

@@ -4,7 +4,7 @@
 //! the request, decide by policy, then serve from the cache or fetch from the IdP, and audit the outcome.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use credbroker_proto::pb;
@@ -28,16 +28,19 @@ pub const MAX_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest client name accepted in a request.
 pub const MAX_CLIENT_NAME: usize = 64;
 
+type Clients = std::collections::BTreeMap<String, Arc<ClientConfig>>;
+
 /// Gets tokens from the configured IdPs, retrying transient failures.
 struct IdpFetcher {
-    clients: std::collections::BTreeMap<String, Arc<ClientConfig>>,
+    /// The current clients: replaced on reload.
+    clients: Arc<RwLock<Clients>>,
     upstream: Upstream,
     retry: RetryPolicy,
 }
 
 impl Fetcher for IdpFetcher {
     fn fetch(&self, key: &CacheKey) -> FetchFuture {
-        let client = self.clients.get(&*key.client).cloned();
+        let client = read(&self.clients).get(&*key.client).cloned();
         let (upstream, retry, scopes) = (self.upstream.clone(), self.retry, key.scopes.clone());
         Box::pin(async move {
             let Some(client) = client else {
@@ -57,19 +60,45 @@ impl Fetcher for IdpFetcher {
     }
 }
 
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The part of the broker a reload replaces at once.
+struct State {
+    config: Arc<Config>,
+    limiter: Arc<RateLimiter>,
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Clients whose endpoint or credentials changed, or that are gone: their cached tokens were dropped.
+    pub clients_changed: Vec<String>,
+    /// Cached entries dropped.
+    pub tokens_dropped: usize,
+    /// Settings that only take effect after a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
 /// What the service needs to answer calls.
 pub struct Broker {
-    config: Arc<Config>,
+    state: RwLock<Arc<State>>,
+    clients: Arc<RwLock<Clients>>,
     cache: TokenCache,
-    limiter: RateLimiter,
     proc_root: Arc<Path>,
 }
 
 impl Broker {
     /// A broker serving `config`, fetching through `upstream`. `proc_root` is `/proc` outside tests.
     pub fn new(config: Arc<Config>, upstream: Upstream, proc_root: &Path) -> Self {
+        let clients = Arc::new(RwLock::new(config.clients.clone()));
         let fetcher = IdpFetcher {
-            clients: config.clients.clone(),
+            clients: clients.clone(),
             upstream,
             retry: RetryPolicy::default(),
         };
@@ -82,10 +111,55 @@ impl Broker {
             },
         );
         Self {
-            limiter: RateLimiter::new(config.daemon.rate_limit),
-            config,
+            state: RwLock::new(Arc::new(State {
+                limiter: Arc::new(RateLimiter::new(config.daemon.rate_limit)),
+                config,
+            })),
+            clients,
             cache,
             proc_root: proc_root.into(),
+        }
+    }
+
+    fn state(&self) -> Arc<State> {
+        read(&self.state).clone()
+    }
+
+    /// Applies a new config: the new clients serve new fetches, cached tokens of clients whose endpoint or
+    /// credentials changed (or that are gone) are dropped, and the new policies take over in one step.
+    pub fn reload(&self, new: Config) -> Reloaded {
+        let old = self.state();
+        let mut changed: Vec<String> = old
+            .config
+            .clients
+            .iter()
+            .filter(|(name, c)| new.clients.get(*name).is_none_or(|n| !n.same_upstream(c)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        changed.sort();
+        *write(&self.clients) = new.clients.clone();
+        let tokens_dropped = self.cache.retain_clients(|c| !changed.iter().any(|x| x == c));
+        let (o, n) = (&old.config.daemon, &new.daemon);
+        let mut need_restart = Vec::new();
+        if o.socket != n.socket || o.socket_mode != n.socket_mode || o.socket_group != n.socket_group {
+            need_restart.push("daemon.socket, socket_mode, socket_group");
+        }
+        if o.max_cached_tokens != n.max_cached_tokens {
+            need_restart.push("daemon.max_cached_tokens");
+        }
+        let limiter = if o.rate_limit == n.rate_limit {
+            old.limiter.clone()
+        } else {
+            Arc::new(RateLimiter::new(n.rate_limit))
+        };
+        *write(&self.state) = Arc::new(State {
+            config: Arc::new(new),
+            limiter,
+        });
+        Reloaded {
+            clients_changed: changed,
+            tokens_dropped,
+            need_restart,
         }
     }
 
@@ -122,6 +196,7 @@ impl Broker {
             }
         };
         let req = request.into_inner();
+        let state = self.state();
         let deny = |e: Error| {
             audit::denied(Some(&caller), &req.client, &req.scopes, &e);
             e
@@ -139,23 +214,23 @@ impl Broker {
                     MAX_MIN_TTL.as_secs()
                 ))));
             }
-            d if d.is_zero() => MinTtl::Default(self.config.daemon.default_min_ttl),
+            d if d.is_zero() => MinTtl::Default(state.config.daemon.default_min_ttl),
             d => MinTtl::Explicit(d),
         };
-        let allowed = self
+        let allowed = state
             .config
             .policies
             .authorize(&caller, &req.client, &scopes, |c| {
-                self.config.clients.contains_key(c)
+                state.config.clients.contains_key(c)
             })
             .map_err(|r| deny(Error::Refused(r)))?;
-        let client = self.config.clients[&allowed.client].clone();
+        let client = state.config.clients[&allowed.client].clone();
 
         let key = CacheKey {
             client: client.name.as_str().into(),
             scopes: scopes.clone(),
         };
-        let admit = || self.limiter.try_acquire(caller.uid, Instant::now());
+        let admit = || state.limiter.try_acquire(caller.uid, Instant::now());
         let (token, source) = self
             .cache
             .get(&key, min_ttl, admit)
@@ -200,6 +275,7 @@ impl Broker {
     ) -> Result<pb::WhoAmIResponse, Error> {
         let (_, caller) = self.caller(&request).await?;
         let grants = self
+            .state()
             .config
             .policies
             .grants(&caller)

@@ -6,6 +6,7 @@
 //! - [`peer_pidfd`] and [`peer_groups`]: `SO_PEERPIDFD` and `SO_PEERGROUPS`, the kernel's view of a Unix socket
 //!   peer at the time it connected.
 //! - [`pidfd_exited`]: whether the process behind a pidfd has exited, which makes PID reuse harmless.
+//! - [`take_listen_fd`]: the listening socket systemd passes by socket activation (`LISTEN_FDS`).
 //! - [`user_name`], [`group_name`], [`group_id`]: NSS look-ups (`getpwuid_r`, `getgrgid_r`, `getgrnam_r`), so
 //!   users from LDAP or sssd are named like local ones.
 #![allow(unsafe_code)]
@@ -151,6 +152,57 @@ pub fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
         }
         return Err(err);
     }
+}
+
+/// The first file descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: libc::c_int = 3;
+
+/// The listening Unix stream socket systemd passed, if `LISTEN_PID` names this process and `LISTEN_FDS` is
+/// at least 1 (values read from the environment by the caller). Takes ownership of fd 3 and marks it
+/// close-on-exec.
+///
+/// # Errors
+/// When fd 3 is not a listening Unix stream socket, or more than one socket is passed.
+pub fn take_listen_fd(
+    listen_pid: Option<&str>,
+    listen_fds: Option<&str>,
+) -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    let ours = listen_pid.and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let count: u32 = match listen_fds.and_then(|n| n.parse().ok()) {
+        Some(n) if ours => n,
+        _ => return Ok(None),
+    };
+    match count {
+        0 => return Ok(None),
+        1 => {}
+        n => return Err(io::Error::other(format!("systemd passed {n} sockets; the unit should pass one"))),
+    }
+    let fd = LISTEN_FDS_START;
+    let int_opt = |level, name| -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, a c_int we own; fd 3 is open (systemd
+        // passed it), and an invalid fd only makes the call fail.
+        let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
+        if rc == 0 { Ok(value) } else { Err(io::Error::last_os_error()) }
+    };
+    let domain = int_opt(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let kind = int_opt(libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let listening = int_opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)?;
+    if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM || listening == 0 {
+        return Err(io::Error::other(
+            "the socket systemd passed is not a listening Unix stream socket (ListenStream=/path)",
+        ));
+    }
+    // SAFETY: fd 3 is a socket systemd handed to this process for it to own; nothing else in the process
+    // refers to it.
+    let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    // SAFETY: fcntl with F_SETFD on a descriptor we now own.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(Some(listener))
 }
 
 /// The name of user `uid`, from NSS; `None` when it has none.
