@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile([proto], ["."])?;
     // For gRPC server reflection.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("credbroker_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
+    std::fs::write(
+        out.join("credbroker_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
     tonic_prost_build::configure()
         .build_transport(false)
         .compile_fds(descriptors)?;

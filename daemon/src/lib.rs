@@ -81,23 +81,44 @@ pub async fn run(
     options: Options,
 ) -> anyhow::Result<()> {
     let upstream = upstream::Upstream::new()?;
+    if config.policies.match_exe() && !peer::can_read_other_users_exe() {
+        tracing::warn!(
+            "policies match on `exe`, but without CAP_SYS_PTRACE credbrokerd cannot read the executable of \
+             callers running as other users, so those policies only match its own user's processes; \
+             see the README (systemd drop-in credbroker-exe-matching.conf)"
+        );
+    }
     let summary = format!(
         "serving {} clients, {} policies",
         config.clients.len(),
         config.policies.policies().len()
     );
-    let broker = Arc::new(service::Broker::new(Arc::new(config), upstream, Path::new("/proc")));
+    let broker = Arc::new(service::Broker::new(
+        Arc::new(config),
+        upstream,
+        Path::new("/proc"),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<TokenBrokerServer<service::Broker>>().await;
+    health
+        .set_serving::<TokenBrokerServer<service::Broker>>()
+        .await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(server::serve(listener, broker.clone(), health_service, async {
-        let _ = stopped.await;
-    }));
+    let mut server = tokio::spawn(server::serve(
+        listener,
+        broker.clone(),
+        health_service,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let notifier = &options.notifier;
     notify(notifier, &format!("READY=1\nSTATUS={summary}"));
     let _watchdog = options.watchdog.map(|every| {
         let notifier = notifier.clone();
-        tracing::info!(interval_ms = every.as_millis() as u64, "systemd watchdog enabled");
+        tracing::info!(
+            interval_ms = every.as_millis() as u64,
+            "systemd watchdog enabled"
+        );
         AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -117,9 +138,14 @@ pub async fn run(
             result = &mut server => return result?,
         }
     };
-    tracing::info!("{reason}: shutting down; draining in-flight calls for up to {}", humantime::format_duration(options.grace));
+    tracing::info!(
+        "{reason}: shutting down; draining in-flight calls for up to {}",
+        humantime::format_duration(options.grace)
+    );
     notify(notifier, "STOPPING=1\nSTATUS=shutting down");
-    health.set_not_serving::<TokenBrokerServer<service::Broker>>().await;
+    health
+        .set_not_serving::<TokenBrokerServer<service::Broker>>()
+        .await;
     let _ = stop.send(());
     tokio::select! {
         result = &mut server => result??,
@@ -161,8 +187,14 @@ fn reload(broker: &service::Broker, options: &Options) {
             for e in &errors.errors {
                 tracing::error!(key = %e.key, "{}", e.message);
             }
-            tracing::error!("config reload refused ({} errors); still serving the previous config", errors.errors.len());
-            notify(&options.notifier, "READY=1\nSTATUS=reload refused; serving the previous config");
+            tracing::error!(
+                "config reload refused ({} errors); still serving the previous config",
+                errors.errors.len()
+            );
+            notify(
+                &options.notifier,
+                "READY=1\nSTATUS=reload refused; serving the previous config",
+            );
         }
     }
 }

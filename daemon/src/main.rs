@@ -85,11 +85,14 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => {
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && env("NO_COLOR").is_none();
+            let ansi =
+                std::io::IsTerminal::is_terminal(&std::io::stderr()) && env("NO_COLOR").is_none();
             let builder = builder.with_ansi(ansi);
             if env("JOURNAL_STREAM").is_some() {
                 builder.without_time().init();
@@ -102,17 +105,22 @@ fn init_logging(format: LogFormat) {
 
 async fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let d = &config.daemon;
-    let (listener, bound) = match sys::take_listen_fd(env("LISTEN_PID").as_deref(), env("LISTEN_FDS").as_deref())? {
-        Some(passed) => {
-            tracing::info!("serving the socket systemd passed");
-            (tokio::net::UnixListener::from_std(passed)?, None)
-        }
-        None => {
-            let listener = server::bind(&d.socket, d.socket_mode, d.socket_group.as_ref().map(|g| g.1))?;
-            tracing::info!(socket = %d.socket.display(), "serving");
-            (listener, Some(d.socket.clone()))
-        }
-    };
+    let (listener, bound) =
+        match sys::take_listen_fd(env("LISTEN_PID").as_deref(), env("LISTEN_FDS").as_deref())? {
+            Some(passed) => {
+                tracing::info!("serving the socket systemd passed");
+                (tokio::net::UnixListener::from_std(passed)?, None)
+            }
+            None => {
+                let listener = server::bind(
+                    &d.socket,
+                    d.socket_mode,
+                    d.socket_group.as_ref().map(|g| g.1),
+                )?;
+                tracing::info!(socket = %d.socket.display(), "serving");
+                (listener, Some(d.socket.clone()))
+            }
+        };
     use tokio::signal::unix::{SignalKind, signal};
     let on = |kind: SignalKind, what: Signal| -> anyhow::Result<_> {
         Ok(tokio_stream::wrappers::SignalStream::new(signal(kind)?).map(move |()| what))
@@ -124,7 +132,10 @@ async fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let options = Options {
         reload_config: Box::new(move || Config::load(&path, &SecretEnv::process())),
         notifier: Notifier::new(std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from)),
-        watchdog: notify::watchdog_interval(env("WATCHDOG_USEC").as_deref(), env("WATCHDOG_PID").as_deref()),
+        watchdog: notify::watchdog_interval(
+            env("WATCHDOG_USEC").as_deref(),
+            env("WATCHDOG_PID").as_deref(),
+        ),
         grace: GRACE,
     };
     let result = credbroker_daemon::run(config, listener, signals, options).await;

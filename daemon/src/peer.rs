@@ -199,6 +199,23 @@ impl fmt::Display for Caller {
     }
 }
 
+/// Whether this process holds `CAP_SYS_PTRACE`, which reading `/proc/<pid>/exe` of another user's process
+/// needs (from `CapEff` in `/proc/self/status`).
+pub fn can_read_other_users_exe() -> bool {
+    const CAP_SYS_PTRACE: u32 = 19;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_PTRACE) != 0)
+}
+
 /// The systemd unit named by a `/proc/<pid>/cgroup` file: the first path component below the slices,
 /// e.g. `billing.service` for `0::/system.slice/billing.service`, `session-3.scope` for a login session.
 /// Uses the unified (v2) hierarchy, else the `name=systemd` one of a hybrid set-up.

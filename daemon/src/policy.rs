@@ -140,6 +140,11 @@ impl PolicySet {
         &self.policies
     }
 
+    /// Whether any policy matches on the caller's executable.
+    pub fn match_exe(&self) -> bool {
+        self.policies.iter().any(|p| p.matcher.exe.is_some())
+    }
+
     /// Decides a request. `client` is the requested client name, empty for "the only one my policies name";
     /// `is_client` says whether a name is configured.
     ///

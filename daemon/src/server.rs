@@ -190,7 +190,9 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Result<PeerStream,
 pub async fn serve(
     listener: UnixListener,
     broker: Arc<Broker>,
-    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()

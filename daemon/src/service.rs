@@ -138,10 +138,15 @@ impl Broker {
             .collect();
         changed.sort();
         *write(&self.clients) = new.clients.clone();
-        let tokens_dropped = self.cache.retain_clients(|c| !changed.iter().any(|x| x == c));
+        let tokens_dropped = self
+            .cache
+            .retain_clients(|c| !changed.iter().any(|x| x == c));
         let (o, n) = (&old.config.daemon, &new.daemon);
         let mut need_restart = Vec::new();
-        if o.socket != n.socket || o.socket_mode != n.socket_mode || o.socket_group != n.socket_group {
+        if o.socket != n.socket
+            || o.socket_mode != n.socket_mode
+            || o.socket_group != n.socket_group
+        {
             need_restart.push("daemon.socket, socket_mode, socket_group");
         }
         if o.max_cached_tokens != n.max_cached_tokens {

@@ -175,7 +175,11 @@ pub fn take_listen_fd(
     match count {
         0 => return Ok(None),
         1 => {}
-        n => return Err(io::Error::other(format!("systemd passed {n} sockets; the unit should pass one"))),
+        n => {
+            return Err(io::Error::other(format!(
+                "systemd passed {n} sockets; the unit should pass one"
+            )));
+        }
     }
     let fd = LISTEN_FDS_START;
     let int_opt = |level, name| -> io::Result<libc::c_int> {
@@ -184,7 +188,11 @@ pub fn take_listen_fd(
         // SAFETY: getsockopt writes at most `len` bytes into `value`, a c_int we own; fd 3 is open (systemd
         // passed it), and an invalid fd only makes the call fail.
         let rc = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
-        if rc == 0 { Ok(value) } else { Err(io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(value)
+        } else {
+            Err(io::Error::last_os_error())
+        }
     };
     let domain = int_opt(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
     let kind = int_opt(libc::SOL_SOCKET, libc::SO_TYPE)?;

@@ -12,7 +12,8 @@ pub mod pb {
 }
 
 /// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/credbroker_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/credbroker_descriptor.bin"));
 
 pub use pb::token_broker_client::TokenBrokerClient;
 pub use pb::token_broker_server::{TokenBroker, TokenBrokerServer};

@@ -74,7 +74,7 @@ pub struct Recorded {
 }
 
 struct State {
-    clients: HashMap<String, Registration>,
+    clients: Mutex<HashMap<String, Registration>>,
     fault: Mutex<Fault>,
     /// The next this-many requests fail with `fail_status`, whatever the fault.
     fail_next: Mutex<(usize, u16)>,
@@ -107,7 +107,7 @@ impl StandInIdp {
             .expect("bind the stand-in IdP");
         let addr = listener.local_addr().expect("local address");
         let state = Arc::new(State {
-            clients: clients.into_iter().map(|c| (c.id.clone(), c)).collect(),
+            clients: Mutex::new(clients.into_iter().map(|c| (c.id.clone(), c)).collect()),
             fault: Mutex::new(Fault::None),
             fail_next: Mutex::new((0, 503)),
             arrivals: AtomicUsize::new(0),
@@ -126,6 +126,13 @@ impl StandInIdp {
     /// Changes how the endpoint behaves from the next request on.
     pub fn set_fault(&self, fault: Fault) {
         *self.state.fault.lock().unwrap() = fault;
+    }
+
+    /// Rotates a client's secret: from now on only `secret` is accepted.
+    pub fn set_secret(&self, id: &str, secret: &str) {
+        if let Some(reg) = self.state.clients.lock().unwrap().get_mut(id) {
+            reg.secret = secret.to_owned();
+        }
     }
 
     /// Makes the next `n` requests fail with HTTP `status`, then behave as the fault says.
@@ -352,7 +359,14 @@ async fn decide(
         let description = format!("client authentication failed for secret '{secret}'");
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", &description);
     }
-    let Some(reg) = state.clients.get(&id).filter(|r| r.secret == secret) else {
+    let reg = state
+        .clients
+        .lock()
+        .unwrap()
+        .get(&id)
+        .filter(|r| r.secret == secret)
+        .cloned();
+    let Some(reg) = reg else {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",

@@ -83,6 +83,8 @@ pub struct DaemonOptions {
     pub run_as: Option<(u32, u32)>,
     /// Wrap the command (e.g. `["unshare", "--pid", "--fork"]`).
     pub wrapper: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DaemonOptions {
@@ -91,6 +93,7 @@ impl Default for DaemonOptions {
             log: "debug".to_owned(),
             run_as: None,
             wrapper: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -101,6 +104,7 @@ pub struct Daemon {
     /// The socket it serves.
     pub socket: PathBuf,
     log: PathBuf,
+    notify: UnixDatagram,
 }
 
 impl Daemon {
@@ -142,6 +146,7 @@ impl Daemon {
             .env("NOTIFY_SOCKET", &notify_path)
             .env("CREDBROKER_LOG", &opts.log)
             .env("NO_COLOR", "1")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file.try_clone().expect("dup log"))
@@ -165,7 +170,45 @@ impl Daemon {
                 panic!("credbrokerd not ready within {WAIT:?}:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
             }
         }
-        Self { child, socket, log }
+        Self {
+            child,
+            socket,
+            log,
+            notify,
+        }
+    }
+
+    /// The next `sd_notify` message the daemon sends.
+    ///
+    /// # Panics
+    /// If none comes within [`WAIT`].
+    pub async fn notification(&self) -> String {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(WAIT, self.notify.recv(&mut buf))
+            .await
+            .expect("no notification in time")
+            .expect("recv notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Waits for a notification with a line equal to `line`, skipping others (such as `WATCHDOG=1`).
+    pub async fn wait_notification(&self, line: &str) -> String {
+        loop {
+            let msg = self.notification().await;
+            if msg.lines().any(|l| l == line) {
+                return msg;
+            }
+        }
+    }
+
+    /// Sends a signal (`"HUP"`, `"TERM"`…) to the daemon.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
     }
 
     /// Everything the daemon has written to stderr so far.
