@@ -18,6 +18,7 @@ use std::time::Duration;
 use reqwest::Url;
 use toml::Value;
 
+use crate::jwt::PrivateKey;
 use crate::policy::{Matcher, Policy, PolicySet};
 use crate::ratelimit::Rate;
 use crate::scope::ScopePattern;
@@ -72,21 +73,73 @@ pub enum LogFormat {
 }
 
 /// How the broker authenticates to the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMethod {
-    /// HTTP Basic (RFC 6749 §2.3.1).
-    ClientSecretBasic,
-    /// `client_id` and `client_secret` in the form body.
-    ClientSecretPost,
+#[derive(Debug)]
+pub enum ClientAuth {
+    /// `client_secret_basic`: HTTP Basic (RFC 6749 §2.3.1).
+    Basic {
+        /// The client secret.
+        secret: Secret,
+        /// How id and secret are encoded.
+        encoding: BasicEncoding,
+    },
+    /// `client_secret_post`: `client_id` and `client_secret` in the form body.
+    Post {
+        /// The client secret.
+        secret: Secret,
+    },
+    /// `private_key_jwt`: a signed client assertion (RFC 7523).
+    PrivateKeyJwt {
+        /// The signing key.
+        key: PrivateKey,
+        /// `kid` for the assertion's header.
+        key_id: Option<String>,
+        /// The assertion's `aud`.
+        audience: AssertionAudience,
+    },
 }
 
-impl fmt::Display for AuthMethod {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::ClientSecretBasic => "client_secret_basic",
-            Self::ClientSecretPost => "client_secret_post",
-        })
+impl ClientAuth {
+    /// The `auth_method` name.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Basic { .. } => "client_secret_basic",
+            Self::Post { .. } => "client_secret_post",
+            Self::PrivateKeyJwt { .. } => "private_key_jwt",
+        }
     }
+
+    /// The client secret, for the methods that have one.
+    pub fn secret(&self) -> Option<&Secret> {
+        match self {
+            Self::Basic { secret, .. } | Self::Post { secret } => Some(secret),
+            Self::PrivateKeyJwt { .. } => None,
+        }
+    }
+
+    fn same_as(&self, other: &ClientAuth) -> bool {
+        match (self, other) {
+            (Self::Basic { secret: a, encoding: x }, Self::Basic { secret: b, encoding: y }) => {
+                a.expose() == b.expose() && x == y
+            }
+            (Self::Post { secret: a }, Self::Post { secret: b }) => a.expose() == b.expose(),
+            (
+                Self::PrivateKeyJwt { key: a, key_id: i, audience: x },
+                Self::PrivateKeyJwt { key: b, key_id: j, audience: y },
+            ) => a.same_as(b) && i == j && x == y,
+            _ => false,
+        }
+    }
+}
+
+/// Which `aud` a client assertion carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssertionAudience {
+    /// The token endpoint's URL (OpenID Connect Core §9; the default).
+    TokenEndpoint,
+    /// The issuer identifier (RFC 7523bis, RFC 9126 §2).
+    Issuer,
+    /// This value.
+    Literal(String),
 }
 
 /// How Basic credentials are encoded.
@@ -103,16 +156,16 @@ pub enum BasicEncoding {
 pub struct ClientConfig {
     /// The table's name.
     pub name: String,
-    /// The token endpoint.
-    pub token_url: Url,
+    /// The token endpoint, if configured.
+    pub token_url: Option<Url>,
+    /// The issuer, if configured: discovery finds the token endpoint when `token_url` is not set.
+    pub issuer: Option<Url>,
+    /// Plain http to non-loopback hosts is allowed (for discovered endpoints too).
+    pub allow_http: bool,
     /// The OAuth client id.
     pub client_id: String,
-    /// The client secret (its `Debug` is redacted).
-    pub secret: Secret,
-    /// How to authenticate.
-    pub auth_method: AuthMethod,
-    /// How to encode Basic credentials.
-    pub basic_encoding: BasicEncoding,
+    /// How to authenticate (its `Debug` is redacted).
+    pub auth: ClientAuth,
     /// Sent with every token request (`audience`, `resource`…).
     pub extra_params: Vec<(String, String)>,
     /// Lifetime assumed when the IdP omits `expires_in`.
@@ -126,10 +179,10 @@ impl ClientConfig {
     /// fetched under one are valid under the other (a reload keeps them).
     pub fn same_upstream(&self, other: &ClientConfig) -> bool {
         self.token_url == other.token_url
+            && self.issuer == other.issuer
+            && self.allow_http == other.allow_http
             && self.client_id == other.client_id
-            && self.secret.expose() == other.secret.expose()
-            && self.auth_method == other.auth_method
-            && self.basic_encoding == other.basic_encoding
+            && self.auth.same_as(&other.auth)
             && self.extra_params == other.extra_params
     }
 }
@@ -325,12 +378,19 @@ impl Config {
         for c in self.clients.values() {
             let _ = writeln!(
                 s,
-                "  {}: {} client_id={} auth={} secret from {} timeout={} default_ttl={}",
+                "  {}: {} client_id={} auth={} {} timeout={} default_ttl={}",
                 c.name,
-                c.token_url,
+                match (&c.token_url, &c.issuer) {
+                    (Some(url), _) => url.to_string(),
+                    (None, Some(issuer)) => format!("issuer {issuer} (discovery)"),
+                    (None, None) => String::new(),
+                },
                 c.client_id,
-                c.auth_method,
-                c.secret.source(),
+                c.auth.method(),
+                match &c.auth {
+                    ClientAuth::PrivateKeyJwt { key, .. } => format!("{} key from {}", key.alg().name(), key.source()),
+                    other => other.secret().map(|s| format!("secret from {}", s.source())).unwrap_or_default(),
+                },
                 humantime::format_duration(c.timeout),
                 humantime::format_duration(c.default_ttl),
             );
@@ -659,33 +719,23 @@ fn client_config(
         None => false,
         Some(Value::Boolean(b)) => *b,
         Some(other) => {
-            errs.push(
-                t.key("allow_http"),
-                format!("expected true or false, found {}", type_name(other)),
-            );
+            errs.push(t.key("allow_http"), format!("expected true or false, found {}", type_name(other)));
             false
         }
     };
-    if t.get("issuer").is_some() {
+    let url_key = |errs: &mut Errors, key: &'static str, t: &mut Walk<'_>| {
+        let v = t.get(key)?;
+        string(errs, &t.key(key), v)
+            .and_then(|s| endpoint_url(&s, allow_http).map_err(|e| errs.push(t.key(key), e)).ok())
+    };
+    let token_url = url_key(errs, "token_url", &mut t);
+    let issuer = url_key(errs, "issuer", &mut t);
+    if !t.used.contains("token_url") && !t.used.contains("issuer") {
         errs.push(
-            t.key("issuer"),
-            "OIDC discovery is not supported by this version; set token_url",
+            t.key("token_url"),
+            "missing; the IdP's token endpoint (\"https://idp.example/oauth2/token\"), or set issuer for discovery",
         );
     }
-    let token_url = match t.get("token_url") {
-        None => {
-            errs.push(
-                t.key("token_url"),
-                "missing; the IdP's token endpoint, e.g. \"https://idp.example/oauth2/token\"",
-            );
-            None
-        }
-        Some(v) => string(errs, &t.key("token_url"), v).and_then(|s| {
-            token_url(&s, allow_http)
-                .map_err(|e| errs.push(t.key("token_url"), e))
-                .ok()
-        }),
-    };
     let client_id = match t.get("client_id") {
         None => {
             errs.push(t.key("client_id"), "missing");
@@ -693,56 +743,72 @@ fn client_config(
         }
         Some(v) => string(errs, &t.key("client_id"), v),
     };
-    let secret = match t.get("client_secret") {
-        None => {
-            errs.push(
-                t.key("client_secret"),
-                "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }",
-            );
-            None
-        }
-        Some(v) => secret(errs, &t.key("client_secret"), v, env),
-    };
-    let auth_method = match t.get("auth_method") {
-        None => Some(AuthMethod::ClientSecretBasic),
-        Some(Value::String(s)) if s == "client_secret_basic" => Some(AuthMethod::ClientSecretBasic),
-        Some(Value::String(s)) if s == "client_secret_post" => Some(AuthMethod::ClientSecretPost),
-        Some(Value::String(s)) if s == "private_key_jwt" => {
-            errs.push(
-                t.key("auth_method"),
-                "private_key_jwt is not supported by this version",
-            );
-            None
+    let method = match t.get("auth_method") {
+        None => Some("client_secret_basic"),
+        Some(Value::String(s)) if ["client_secret_basic", "client_secret_post", "private_key_jwt"].contains(&s.as_str()) => {
+            Some(s.as_str())
         }
         Some(_) => {
             errs.push(
                 t.key("auth_method"),
-                "expected \"client_secret_basic\" or \"client_secret_post\"",
+                "expected \"client_secret_basic\", \"client_secret_post\" or \"private_key_jwt\"",
             );
             None
         }
     };
-    let basic_encoding = match t.get("basic_encoding") {
-        None => BasicEncoding::Form,
-        Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
-        Some(Value::String(s)) if s == "raw" => BasicEncoding::Raw,
-        Some(_) => {
-            errs.push(
-                t.key("basic_encoding"),
-                "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"",
-            );
-            BasicEncoding::Form
+    let jwt = method == Some("private_key_jwt");
+    let basic = method == Some("client_secret_basic");
+    // Keys that belong to other methods are mistakes worth pointing out.
+    for (key, wanted) in [
+        ("client_secret", !jwt),
+        ("private_key", jwt),
+        ("key_id", jwt),
+        ("assertion_audience", jwt),
+        ("basic_encoding", basic),
+    ] {
+        if !wanted && t.table.contains_key(key) {
+            t.used.insert(key);
+            errs.push(t.key(key), format!("does not apply to auth_method = \"{}\"", method.unwrap_or("?")));
         }
-    };
-    if basic_encoding == BasicEncoding::Raw
-        && let Some(id) = &client_id
-        && id.contains(':')
-    {
-        errs.push(
-            t.key("client_id"),
-            "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"",
-        );
     }
+    let auth = match method {
+        None => None,
+        Some("private_key_jwt") => private_key_auth(errs, &mut t, issuer.is_some(), env),
+        Some(m) => {
+            let secret = match t.get("client_secret") {
+                None => {
+                    errs.push(
+                        t.key("client_secret"),
+                        "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }",
+                    );
+                    None
+                }
+                Some(v) => secret(errs, &t.key("client_secret"), v, env),
+            };
+            let encoding = match t.get("basic_encoding") {
+                None => BasicEncoding::Form,
+                Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
+                Some(Value::String(s)) if s == "raw" => BasicEncoding::Raw,
+                Some(_) => {
+                    errs.push(t.key("basic_encoding"), "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"");
+                    BasicEncoding::Form
+                }
+            };
+            if encoding == BasicEncoding::Raw && client_id.as_ref().is_some_and(|id| id.contains(':')) {
+                errs.push(
+                    t.key("client_id"),
+                    "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"",
+                );
+            }
+            secret.map(|secret| {
+                if m == "client_secret_post" {
+                    ClientAuth::Post { secret }
+                } else {
+                    ClientAuth::Basic { secret, encoding }
+                }
+            })
+        }
+    };
     let mut extra_params = Vec::new();
     if let Some(v) = t.get("extra_params") {
         let key = t.key("extra_params");
@@ -759,26 +825,62 @@ fn client_config(
     }
     let default_ttl = t
         .get("default_ttl")
-        .map_or(Some(Duration::from_secs(300)), |v| {
-            duration(errs, &t.key("default_ttl"), v)
-        });
-    let timeout = t.get("timeout").map_or(Some(Duration::from_secs(10)), |v| {
-        duration(errs, &t.key("timeout"), v)
-    });
+        .map_or(Some(Duration::from_secs(300)), |v| duration(errs, &t.key("default_ttl"), v));
+    let timeout = t
+        .get("timeout")
+        .map_or(Some(Duration::from_secs(10)), |v| duration(errs, &t.key("timeout"), v));
     t.finish(errs);
     if errs.0.len() != before {
         return None;
     }
     Some(ClientConfig {
         name: name.to_owned(),
-        token_url: token_url?,
+        token_url,
+        issuer,
+        allow_http,
         client_id: client_id?,
-        secret: secret?,
-        auth_method: auth_method?,
-        basic_encoding,
+        auth: auth?,
         extra_params,
         default_ttl: default_ttl?,
         timeout: timeout?,
+    })
+}
+
+fn private_key_auth(errs: &mut Errors, t: &mut Walk<'_>, has_issuer: bool, env: &SecretEnv<'_>) -> Option<ClientAuth> {
+    let key = match t.get("private_key") {
+        None => {
+            errs.push(
+                t.key("private_key"),
+                "missing; private_key_jwt needs private_key = { file = \"/etc/credbroker/NAME.pem\" }",
+            );
+            None
+        }
+        Some(v) => secret(errs, &t.key("private_key"), v, env)
+            .and_then(|pem| PrivateKey::new(pem).map_err(|e| errs.push(t.key("private_key"), e.to_string())).ok()),
+    };
+    let key_id = t.get("key_id").and_then(|v| string(errs, &t.key("key_id"), v));
+    let audience = match t.get("assertion_audience") {
+        None => Some(AssertionAudience::TokenEndpoint),
+        Some(Value::String(s)) if s == "token_endpoint" => Some(AssertionAudience::TokenEndpoint),
+        Some(Value::String(s)) if s == "issuer" => {
+            if !has_issuer {
+                errs.push(t.key("assertion_audience"), "\"issuer\" needs the client's issuer to be set");
+            }
+            Some(AssertionAudience::Issuer)
+        }
+        Some(Value::String(s)) if Url::parse(s).is_ok() => Some(AssertionAudience::Literal(s.clone())),
+        Some(_) => {
+            errs.push(
+                t.key("assertion_audience"),
+                "expected \"token_endpoint\", \"issuer\" or an absolute URL",
+            );
+            None
+        }
+    };
+    Some(ClientAuth::PrivateKeyJwt {
+        key: key?,
+        key_id,
+        audience: audience?,
     })
 }
 
@@ -791,8 +893,9 @@ const RESERVED_PARAMS: [&str; 6] = [
     "client_assertion_type",
 ];
 
-/// Parses a token endpoint URL: https, or http on a loopback address (or anywhere with `allow_http`).
-fn token_url(s: &str, allow_http: bool) -> Result<Url, String> {
+/// Parses a token endpoint or issuer URL: https, or http on a loopback address (or anywhere with
+/// `allow_http`).
+pub fn endpoint_url(s: &str, allow_http: bool) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     if !url.username().is_empty() || url.password().is_some() {
         return Err("must not carry credentials; use client_id and client_secret".to_owned());
@@ -804,8 +907,8 @@ fn token_url(s: &str, allow_http: bool) -> Result<Url, String> {
         "https" => Ok(url),
         "http" if allow_http || is_loopback(&url) => Ok(url),
         "http" => Err(format!(
-            "{s:?} is plain http to a non-loopback host: the client secret would cross the network in clear; \
-             use https (or set allow_http = true if you really mean it)"
+            "{s:?} is plain http to a non-loopback host: the client's credentials would cross the network in \
+             clear; use https (or set allow_http = true if you really mean it)"
         )),
         other => Err(format!("unsupported scheme {other:?}; use https")),
     }
@@ -1068,8 +1171,8 @@ scopes = ["scim:read", "internal_*"]
         let c = f.parse(GOOD).unwrap();
         assert_eq!(c.daemon.socket_mode, 0o660);
         let idp = &c.clients["idp"];
-        assert_eq!(idp.secret.expose(), "s3cr3t-value");
-        assert_eq!(idp.auth_method, AuthMethod::ClientSecretBasic);
+        assert_eq!(idp.auth.secret().unwrap().expose(), "s3cr3t-value");
+        assert_eq!(idp.auth.method(), "client_secret_basic");
         assert_eq!(idp.timeout, Duration::from_secs(10));
         assert_eq!(
             c.policies.policies()[0].matcher.exe.as_ref().unwrap().len(),

@@ -10,8 +10,9 @@
 //! - [`scope`] and [`policy`]: scope validation and the per-caller policies (deny by default).
 //! - [`cache`]: tokens per (client, scope set): single flight, refresh ahead, remembered failures, bounded.
 //! - [`ratelimit`]: each caller uid's rate of requests that need a new token.
-//! - [`upstream`] and [`retry`]: the client-credentials request to the IdP, the parsing of its answer, and
-//!   retries with backoff through transient trouble.
+//! - [`upstream`] and [`retry`]: the client-credentials request to the IdP (with discovery of its token
+//!   endpoint), the parsing of its answer, and retries with backoff through transient trouble.
+//! - [`jwt`]: `private_key_jwt` client assertions.
 //! - [`audit`]: the structured audit trail of every decision.
 //! - [`error`]: request errors and their mapping to gRPC status codes.
 //!
@@ -24,6 +25,7 @@ pub mod cache;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod jwt;
 pub mod notify;
 pub mod peer;
 pub mod policy;

@@ -89,6 +89,7 @@ pub struct Reloaded {
 pub struct Broker {
     state: RwLock<Arc<State>>,
     clients: Arc<RwLock<Clients>>,
+    upstream: Upstream,
     cache: TokenCache,
     proc_root: Arc<Path>,
 }
@@ -99,7 +100,7 @@ impl Broker {
         let clients = Arc::new(RwLock::new(config.clients.clone()));
         let fetcher = IdpFetcher {
             clients: clients.clone(),
-            upstream,
+            upstream: upstream.clone(),
             retry: RetryPolicy::default(),
         };
         let cache = TokenCache::new(
@@ -116,6 +117,7 @@ impl Broker {
                 config,
             })),
             clients,
+            upstream,
             cache,
             proc_root: proc_root.into(),
         }
@@ -138,6 +140,7 @@ impl Broker {
             .collect();
         changed.sort();
         *write(&self.clients) = new.clients.clone();
+        self.upstream.forget_discovered();
         let tokens_dropped = self
             .cache
             .retain_clients(|c| !changed.iter().any(|x| x == c));

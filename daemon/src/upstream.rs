@@ -1,7 +1,8 @@
 //! The IdP side: one OAuth 2.0 client-credentials request (RFC 6749 §4.4) and its response.
 //!
 //! Requests are form-encoded POSTs with `client_secret_basic` (RFC 6749 §2.3.1 encoding by default, raw when
-//! configured) or `client_secret_post`. Responses are parsed strictly when they claim success and leniently
+//! configured), `client_secret_post`, or `private_key_jwt` (RFC 7523). A client configured with an `issuer`
+//! finds its token endpoint by OpenID Connect Discovery or RFC 8414, once. Responses are parsed strictly when they claim success and leniently
 //! when they do not: an HTML page or an empty 403 still gives the operator a status and whatever text is safe
 //! to show. Bodies are capped at [`MAX_RESPONSE_LEN`], every request at the client's `timeout`, and redirects
 //! are never followed (a redirect would carry the credentials somewhere else).
@@ -14,13 +15,15 @@
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use reqwest::Url;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::config::{AuthMethod, BasicEncoding, ClientConfig};
+use crate::config::{AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, endpoint_url};
+use crate::jwt;
 use crate::scope::ScopeSet;
 
 /// Largest token response accepted, in bytes.
@@ -97,6 +100,12 @@ pub enum UpstreamError {
         /// The scopes beyond the request.
         extra: Vec<String>,
     },
+    /// Discovery found no usable token endpoint.
+    #[error("discovery failed: {0}")]
+    Discovery(String),
+    /// The client assertion could not be made.
+    #[error("cannot make the client assertion: {0}")]
+    Assertion(String),
 }
 
 impl UpstreamError {
@@ -109,10 +118,18 @@ impl UpstreamError {
     }
 }
 
-/// The HTTP client for all token endpoints.
+/// The HTTP client for all token endpoints, and the token endpoints found by discovery.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     http: reqwest::Client,
+    /// Issuer -> token endpoint.
+    discovered: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Url>>>,
+}
+
+/// An issuer identifier as a string, without the trailing slash a URL parser adds to a bare host.
+pub fn issuer_id(issuer: &Url) -> &str {
+    let s = issuer.as_str();
+    if issuer.path() == "/" { s.trim_end_matches('/') } else { s }
 }
 
 impl Upstream {
@@ -130,7 +147,90 @@ impl Upstream {
             .https_only(false)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()?;
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            discovered: Default::default(),
+        })
+    }
+
+    /// Forgets discovered endpoints (on reload).
+    pub fn forget_discovered(&self) {
+        self.discovered.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// The client's token endpoint: configured, or discovered from its issuer (once).
+    ///
+    /// # Errors
+    /// [`UpstreamError`] when discovery fails.
+    pub async fn token_endpoint(&self, client: &ClientConfig) -> Result<Url, UpstreamError> {
+        if let Some(url) = &client.token_url {
+            return Ok(url.clone());
+        }
+        let Some(issuer) = &client.issuer else {
+            return Err(UpstreamError::Discovery("neither token_url nor issuer is configured".to_owned()));
+        };
+        let id = issuer_id(issuer).to_owned();
+        if let Some(url) = self.discovered.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return Ok(url.clone());
+        }
+        let url = self.discover(issuer, client.allow_http, client.timeout).await?;
+        tracing::info!(client = %client.name, issuer = %id, token_endpoint = %url, "token endpoint discovered");
+        self.discovered.lock().unwrap_or_else(|e| e.into_inner()).insert(id, url.clone());
+        Ok(url)
+    }
+
+    /// OpenID Connect Discovery (`<issuer>/.well-known/openid-configuration`), then RFC 8414
+    /// (`/.well-known/oauth-authorization-server<issuer path>`); the document's `issuer` must be the
+    /// configured one.
+    async fn discover(&self, issuer: &Url, allow_http: bool, timeout: Duration) -> Result<Url, UpstreamError> {
+        let id = issuer_id(issuer);
+        let mut rfc8414 = issuer.clone();
+        rfc8414.set_path(&format!(
+            "/.well-known/oauth-authorization-server{}",
+            issuer.path().trim_end_matches('/')
+        ));
+        let candidates = [format!("{id}/.well-known/openid-configuration"), rfc8414.to_string()];
+        for url in &candidates {
+            let response = self
+                .http
+                .get(url)
+                .header(ACCEPT, "application/json")
+                .timeout(timeout)
+                .send()
+                .await
+                .map_err(|e| transport_error(&e, timeout))?;
+            match response.status().as_u16() {
+                200..=299 => {}
+                404 => continue,
+                429 => return Err(UpstreamError::RateLimited { retry_after: None }),
+                s @ 500..=599 => return Err(UpstreamError::Server { status: s }),
+                s => return Err(UpstreamError::Discovery(format!("{url} answered HTTP {s}"))),
+            }
+            let body = read_capped(response, timeout).await?;
+            #[derive(Deserialize)]
+            struct Metadata {
+                issuer: Option<String>,
+                token_endpoint: Option<String>,
+            }
+            let doc: Metadata = serde_json::from_slice(&body)
+                .map_err(|_| UpstreamError::Discovery(format!("{url} is not a JSON metadata document")))?;
+            let found = doc.issuer.unwrap_or_default();
+            if found.trim_end_matches('/') != id.trim_end_matches('/') {
+                return Err(UpstreamError::Discovery(format!(
+                    "{url} names issuer {:?}, not the configured {id:?}",
+                    found.chars().take(200).collect::<String>()
+                )));
+            }
+            let endpoint = doc
+                .token_endpoint
+                .ok_or_else(|| UpstreamError::Discovery(format!("{url} has no token_endpoint")))?;
+            return endpoint_url(&endpoint, allow_http)
+                .map_err(|e| UpstreamError::Discovery(format!("token_endpoint {e}")));
+        }
+        Err(UpstreamError::Discovery(format!(
+            "no metadata at {} or {} (HTTP 404)",
+            candidates[0], candidates[1]
+        )))
     }
 
     /// Requests a token with exactly `scopes` by the client-credentials grant.
@@ -142,16 +242,18 @@ impl Upstream {
         client: &ClientConfig,
         scopes: &ScopeSet,
     ) -> Result<Issued, UpstreamError> {
+        let token_url = self.token_endpoint(client).await?;
+        let body = form_body(client, scopes, &token_url)?;
         let mut request = self
             .http
-            .post(client.token_url.clone())
+            .post(token_url)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
             .timeout(client.timeout);
-        if client.auth_method == AuthMethod::ClientSecretBasic {
-            request = request.header(AUTHORIZATION, basic_header(client));
+        if let ClientAuth::Basic { secret, encoding } = &client.auth {
+            request = request.header(AUTHORIZATION, basic_header(&client.client_id, secret.expose(), *encoding));
         }
-        let request = request.body(form_body(client, scopes).as_bytes().to_vec());
+        let request = request.body(body.as_bytes().to_vec());
 
         let response = request
             .send()
@@ -180,7 +282,10 @@ impl Upstream {
             s @ 500..=599 => Err(UpstreamError::Server { status: s }),
             s @ 400..=499 => {
                 let (code, description) = parse_error(&body);
-                let description = description.map(|d| scrub(&d, client.secret.expose()));
+                let description = match client.auth.secret() {
+                    Some(secret) => description.map(|d| scrub(&d, secret.expose())),
+                    None => description,
+                };
                 Err(UpstreamError::Rejected {
                     status: s,
                     code,
@@ -194,31 +299,41 @@ impl Upstream {
     }
 }
 
-/// The form body: the grant, the scope, the client's extra parameters and, for `client_secret_post`, the
-/// credentials.
-fn form_body(client: &ClientConfig, scopes: &ScopeSet) -> Zeroizing<String> {
+/// The form body: the grant, the scope, the client's extra parameters, and the credentials that go in the
+/// body (`client_secret_post`) or the client assertion (`private_key_jwt`).
+fn form_body(client: &ClientConfig, scopes: &ScopeSet, token_url: &Url) -> Result<Zeroizing<String>, UpstreamError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", "client_credentials");
     form.append_pair("scope", &scopes.joined());
     for (k, v) in &client.extra_params {
         form.append_pair(k, v);
     }
-    if client.auth_method == AuthMethod::ClientSecretPost {
-        form.append_pair("client_id", &client.client_id);
-        form.append_pair("client_secret", client.secret.expose());
+    match &client.auth {
+        ClientAuth::Basic { .. } => {}
+        ClientAuth::Post { secret } => {
+            form.append_pair("client_id", &client.client_id);
+            form.append_pair("client_secret", secret.expose());
+        }
+        ClientAuth::PrivateKeyJwt { key, key_id, audience } => {
+            let audience = match audience {
+                AssertionAudience::TokenEndpoint => token_url.as_str(),
+                AssertionAudience::Issuer => client.issuer.as_ref().map_or("", issuer_id),
+                AssertionAudience::Literal(aud) => aud.as_str(),
+            };
+            let assertion = jwt::client_assertion(&client.client_id, audience, key, key_id.as_deref(), SystemTime::now())
+                .map_err(|e| UpstreamError::Assertion(e.to_string()))?;
+            form.append_pair("client_id", &client.client_id);
+            form.append_pair("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+            form.append_pair("client_assertion", &assertion);
+        }
     }
-    Zeroizing::new(form.finish())
+    Ok(Zeroizing::new(form.finish()))
 }
 
-fn basic_header(client: &ClientConfig) -> HeaderValue {
-    let secret = client.secret.expose();
-    let pair: Zeroizing<String> = Zeroizing::new(match client.basic_encoding {
-        BasicEncoding::Form => format!(
-            "{}:{}",
-            form_encode(&client.client_id).as_str(),
-            form_encode(secret).as_str()
-        ),
-        BasicEncoding::Raw => format!("{}:{secret}", client.client_id),
+fn basic_header(client_id: &str, secret: &str, encoding: BasicEncoding) -> HeaderValue {
+    let pair: Zeroizing<String> = Zeroizing::new(match encoding {
+        BasicEncoding::Form => format!("{}:{}", form_encode(client_id).as_str(), form_encode(secret).as_str()),
+        BasicEncoding::Raw => format!("{client_id}:{secret}"),
     });
     let value = Zeroizing::new(format!(
         "Basic {}",
