@@ -118,13 +118,28 @@ impl ClientAuth {
 
     fn same_as(&self, other: &ClientAuth) -> bool {
         match (self, other) {
-            (Self::Basic { secret: a, encoding: x }, Self::Basic { secret: b, encoding: y }) => {
-                a.expose() == b.expose() && x == y
-            }
+            (
+                Self::Basic {
+                    secret: a,
+                    encoding: x,
+                },
+                Self::Basic {
+                    secret: b,
+                    encoding: y,
+                },
+            ) => a.expose() == b.expose() && x == y,
             (Self::Post { secret: a }, Self::Post { secret: b }) => a.expose() == b.expose(),
             (
-                Self::PrivateKeyJwt { key: a, key_id: i, audience: x },
-                Self::PrivateKeyJwt { key: b, key_id: j, audience: y },
+                Self::PrivateKeyJwt {
+                    key: a,
+                    key_id: i,
+                    audience: x,
+                },
+                Self::PrivateKeyJwt {
+                    key: b,
+                    key_id: j,
+                    audience: y,
+                },
             ) => a.same_as(b) && i == j && x == y,
             _ => false,
         }
@@ -388,8 +403,12 @@ impl Config {
                 c.client_id,
                 c.auth.method(),
                 match &c.auth {
-                    ClientAuth::PrivateKeyJwt { key, .. } => format!("{} key from {}", key.alg().name(), key.source()),
-                    other => other.secret().map(|s| format!("secret from {}", s.source())).unwrap_or_default(),
+                    ClientAuth::PrivateKeyJwt { key, .. } =>
+                        format!("{} key from {}", key.alg().name(), key.source()),
+                    other => other
+                        .secret()
+                        .map(|s| format!("secret from {}", s.source()))
+                        .unwrap_or_default(),
                 },
                 humantime::format_duration(c.timeout),
                 humantime::format_duration(c.default_ttl),
@@ -719,14 +738,20 @@ fn client_config(
         None => false,
         Some(Value::Boolean(b)) => *b,
         Some(other) => {
-            errs.push(t.key("allow_http"), format!("expected true or false, found {}", type_name(other)));
+            errs.push(
+                t.key("allow_http"),
+                format!("expected true or false, found {}", type_name(other)),
+            );
             false
         }
     };
     let url_key = |errs: &mut Errors, key: &'static str, t: &mut Walk<'_>| {
         let v = t.get(key)?;
-        string(errs, &t.key(key), v)
-            .and_then(|s| endpoint_url(&s, allow_http).map_err(|e| errs.push(t.key(key), e)).ok())
+        string(errs, &t.key(key), v).and_then(|s| {
+            endpoint_url(&s, allow_http)
+                .map_err(|e| errs.push(t.key(key), e))
+                .ok()
+        })
     };
     let token_url = url_key(errs, "token_url", &mut t);
     let issuer = url_key(errs, "issuer", &mut t);
@@ -745,7 +770,14 @@ fn client_config(
     };
     let method = match t.get("auth_method") {
         None => Some("client_secret_basic"),
-        Some(Value::String(s)) if ["client_secret_basic", "client_secret_post", "private_key_jwt"].contains(&s.as_str()) => {
+        Some(Value::String(s))
+            if [
+                "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt",
+            ]
+            .contains(&s.as_str()) =>
+        {
             Some(s.as_str())
         }
         Some(_) => {
@@ -768,7 +800,13 @@ fn client_config(
     ] {
         if !wanted && t.table.contains_key(key) {
             t.used.insert(key);
-            errs.push(t.key(key), format!("does not apply to auth_method = \"{}\"", method.unwrap_or("?")));
+            errs.push(
+                t.key(key),
+                format!(
+                    "does not apply to auth_method = \"{}\"",
+                    method.unwrap_or("?")
+                ),
+            );
         }
     }
     let auth = match method {
@@ -790,11 +828,16 @@ fn client_config(
                 Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
                 Some(Value::String(s)) if s == "raw" => BasicEncoding::Raw,
                 Some(_) => {
-                    errs.push(t.key("basic_encoding"), "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"");
+                    errs.push(
+                        t.key("basic_encoding"),
+                        "expected \"form\" (RFC 6749 §2.3.1) or \"raw\"",
+                    );
                     BasicEncoding::Form
                 }
             };
-            if encoding == BasicEncoding::Raw && client_id.as_ref().is_some_and(|id| id.contains(':')) {
+            if encoding == BasicEncoding::Raw
+                && client_id.as_ref().is_some_and(|id| id.contains(':'))
+            {
                 errs.push(
                     t.key("client_id"),
                     "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"",
@@ -825,10 +868,12 @@ fn client_config(
     }
     let default_ttl = t
         .get("default_ttl")
-        .map_or(Some(Duration::from_secs(300)), |v| duration(errs, &t.key("default_ttl"), v));
-    let timeout = t
-        .get("timeout")
-        .map_or(Some(Duration::from_secs(10)), |v| duration(errs, &t.key("timeout"), v));
+        .map_or(Some(Duration::from_secs(300)), |v| {
+            duration(errs, &t.key("default_ttl"), v)
+        });
+    let timeout = t.get("timeout").map_or(Some(Duration::from_secs(10)), |v| {
+        duration(errs, &t.key("timeout"), v)
+    });
     t.finish(errs);
     if errs.0.len() != before {
         return None;
@@ -846,7 +891,12 @@ fn client_config(
     })
 }
 
-fn private_key_auth(errs: &mut Errors, t: &mut Walk<'_>, has_issuer: bool, env: &SecretEnv<'_>) -> Option<ClientAuth> {
+fn private_key_auth(
+    errs: &mut Errors,
+    t: &mut Walk<'_>,
+    has_issuer: bool,
+    env: &SecretEnv<'_>,
+) -> Option<ClientAuth> {
     let key = match t.get("private_key") {
         None => {
             errs.push(
@@ -855,20 +905,30 @@ fn private_key_auth(errs: &mut Errors, t: &mut Walk<'_>, has_issuer: bool, env: 
             );
             None
         }
-        Some(v) => secret(errs, &t.key("private_key"), v, env)
-            .and_then(|pem| PrivateKey::new(pem).map_err(|e| errs.push(t.key("private_key"), e.to_string())).ok()),
+        Some(v) => secret(errs, &t.key("private_key"), v, env).and_then(|pem| {
+            PrivateKey::new(pem)
+                .map_err(|e| errs.push(t.key("private_key"), e.to_string()))
+                .ok()
+        }),
     };
-    let key_id = t.get("key_id").and_then(|v| string(errs, &t.key("key_id"), v));
+    let key_id = t
+        .get("key_id")
+        .and_then(|v| string(errs, &t.key("key_id"), v));
     let audience = match t.get("assertion_audience") {
         None => Some(AssertionAudience::TokenEndpoint),
         Some(Value::String(s)) if s == "token_endpoint" => Some(AssertionAudience::TokenEndpoint),
         Some(Value::String(s)) if s == "issuer" => {
             if !has_issuer {
-                errs.push(t.key("assertion_audience"), "\"issuer\" needs the client's issuer to be set");
+                errs.push(
+                    t.key("assertion_audience"),
+                    "\"issuer\" needs the client's issuer to be set",
+                );
             }
             Some(AssertionAudience::Issuer)
         }
-        Some(Value::String(s)) if Url::parse(s).is_ok() => Some(AssertionAudience::Literal(s.clone())),
+        Some(Value::String(s)) if Url::parse(s).is_ok() => {
+            Some(AssertionAudience::Literal(s.clone()))
+        }
         Some(_) => {
             errs.push(
                 t.key("assertion_audience"),

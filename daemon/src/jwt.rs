@@ -52,7 +52,9 @@ pub enum KeyError {
     )]
     NotPkcs8,
     /// PKCS#8, but neither an EC P-256 nor a usable RSA key.
-    #[error("unsupported key: use an EC P-256 key (ES256) or an RSA key of at least 2048 bits (RS256)")]
+    #[error(
+        "unsupported key: use an EC P-256 key (ES256) or an RSA key of at least 2048 bits (RS256)"
+    )]
     Unsupported,
     /// Signing failed.
     #[error("signing the client assertion failed")]
@@ -76,7 +78,12 @@ fn pkcs8_der(pem: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     const END: &str = "-----END PRIVATE KEY-----";
     let start = pem.find(BEGIN).ok_or(KeyError::NotPkcs8)? + BEGIN.len();
     let end = start + pem[start..].find(END).ok_or(KeyError::NotPkcs8)?;
-    let body: Zeroizing<String> = Zeroizing::new(pem[start..end].chars().filter(|c| !c.is_whitespace()).collect());
+    let body: Zeroizing<String> = Zeroizing::new(
+        pem[start..end]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect(),
+    );
     STANDARD
         .decode(body.as_bytes())
         .map(Zeroizing::new)
@@ -91,13 +98,16 @@ impl PrivateKey {
     pub fn new(pem: Secret) -> Result<Self, KeyError> {
         let der = pkcs8_der(pem.expose())?;
         let rng = SystemRandom::new();
-        let alg = if EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng).is_ok() {
-            Alg::Es256
-        } else if RsaKeyPair::from_pkcs8(&der).is_ok() {
-            Alg::Rs256
-        } else {
-            return Err(KeyError::Unsupported);
-        };
+        let alg =
+            if EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+                .is_ok()
+            {
+                Alg::Es256
+            } else if RsaKeyPair::from_pkcs8(&der).is_ok() {
+                Alg::Rs256
+            } else {
+                return Err(KeyError::Unsupported);
+            };
         Ok(Self { pem, alg })
     }
 
@@ -121,9 +131,15 @@ impl PrivateKey {
         let rng = SystemRandom::new();
         match self.alg {
             Alg::Es256 => {
-                let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
-                    .map_err(|_| KeyError::Unsupported)?;
-                key.sign(&rng, message).map(|s| s.as_ref().to_vec()).map_err(|_| KeyError::Sign)
+                let key = EcdsaKeyPair::from_pkcs8(
+                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    &der,
+                    &rng,
+                )
+                .map_err(|_| KeyError::Unsupported)?;
+                key.sign(&rng, message)
+                    .map(|s| s.as_ref().to_vec())
+                    .map_err(|_| KeyError::Sign)
             }
             Alg::Rs256 => {
                 let key = RsaKeyPair::from_pkcs8(&der).map_err(|_| KeyError::Unsupported)?;
@@ -154,7 +170,9 @@ pub fn client_assertion(
     }
     let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let mut jti = [0u8; 16];
-    SystemRandom::new().fill(&mut jti).map_err(|_| KeyError::Sign)?;
+    SystemRandom::new()
+        .fill(&mut jti)
+        .map_err(|_| KeyError::Sign)?;
     let claims = serde_json::json!({
         "iss": client_id,
         "sub": client_id,
@@ -169,7 +187,10 @@ pub fn client_assertion(
         URL_SAFE_NO_PAD.encode(claims.to_string())
     );
     let signature = key.sign(signing_input.as_bytes())?;
-    Ok(Zeroizing::new(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))))
+    Ok(Zeroizing::new(format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(signature)
+    )))
 }
 
 #[cfg(test)]
@@ -180,13 +201,21 @@ mod tests {
 
     fn ec_key() -> (PrivateKey, Vec<u8>) {
         let rng = SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap();
         let pem = format!(
             "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
             STANDARD.encode(pkcs8.as_ref())
         );
-        let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
-        let public = ring::signature::KeyPair::public_key(&pair).as_ref().to_vec();
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8.as_ref(),
+            &rng,
+        )
+        .unwrap();
+        let public = ring::signature::KeyPair::public_key(&pair)
+            .as_ref()
+            .to_vec();
         let secret = Secret::from_value(SecretString::from(pem), SecretSource::Env("TEST".into()));
         (PrivateKey::new(secret).unwrap(), public)
     }
@@ -201,10 +230,14 @@ mod tests {
         let (key, public) = ec_key();
         assert_eq!(key.alg(), Alg::Es256);
         let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let a = client_assertion("broker", "https://idp.example/token", &key, Some("k1"), now).unwrap();
+        let a =
+            client_assertion("broker", "https://idp.example/token", &key, Some("k1"), now).unwrap();
         let b = client_assertion("broker", "https://idp.example/token", &key, None, now).unwrap();
         let header = part(&a, 0);
-        assert_eq!((header["alg"].as_str(), header["kid"].as_str()), (Some("ES256"), Some("k1")));
+        assert_eq!(
+            (header["alg"].as_str(), header["kid"].as_str()),
+            (Some("ES256"), Some("k1"))
+        );
         assert!(part(&b, 0).get("kid").is_none());
         let claims = part(&a, 1);
         assert_eq!(claims["iss"], "broker");
@@ -223,11 +256,22 @@ mod tests {
 
     #[test]
     fn non_pkcs8_keys_are_refused_with_a_hint() {
-        let secret = |pem: &str| Secret::from_value(SecretString::from(pem.to_owned()), SecretSource::Env("T".into()));
-        let err = PrivateKey::new(secret("-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n")).unwrap_err();
+        let secret = |pem: &str| {
+            Secret::from_value(
+                SecretString::from(pem.to_owned()),
+                SecretSource::Env("T".into()),
+            )
+        };
+        let err = PrivateKey::new(secret(
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+        ))
+        .unwrap_err();
         assert_eq!(err, KeyError::NotPkcs8);
         assert!(err.to_string().contains("openssl pkcs8 -topk8"));
-        let err = PrivateKey::new(secret("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")).unwrap_err();
+        let err = PrivateKey::new(secret(
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ))
+        .unwrap_err();
         assert_eq!(err, KeyError::Unsupported);
     }
 
@@ -235,6 +279,9 @@ mod tests {
     fn debug_never_shows_the_key() {
         let (key, _) = ec_key();
         let dbg = format!("{key:?}");
-        assert!(!dbg.contains("BEGIN") && dbg.contains("[redacted]"), "{dbg}");
+        assert!(
+            !dbg.contains("BEGIN") && dbg.contains("[redacted]"),
+            "{dbg}"
+        );
     }
 }

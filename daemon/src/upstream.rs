@@ -129,7 +129,11 @@ pub struct Upstream {
 /// An issuer identifier as a string, without the trailing slash a URL parser adds to a bare host.
 pub fn issuer_id(issuer: &Url) -> &str {
     let s = issuer.as_str();
-    if issuer.path() == "/" { s.trim_end_matches('/') } else { s }
+    if issuer.path() == "/" {
+        s.trim_end_matches('/')
+    } else {
+        s
+    }
 }
 
 impl Upstream {
@@ -155,7 +159,10 @@ impl Upstream {
 
     /// Forgets discovered endpoints (on reload).
     pub fn forget_discovered(&self) {
-        self.discovered.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.discovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The client's token endpoint: configured, or discovered from its issuer (once).
@@ -167,29 +174,49 @@ impl Upstream {
             return Ok(url.clone());
         }
         let Some(issuer) = &client.issuer else {
-            return Err(UpstreamError::Discovery("neither token_url nor issuer is configured".to_owned()));
+            return Err(UpstreamError::Discovery(
+                "neither token_url nor issuer is configured".to_owned(),
+            ));
         };
         let id = issuer_id(issuer).to_owned();
-        if let Some(url) = self.discovered.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        if let Some(url) = self
+            .discovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
             return Ok(url.clone());
         }
-        let url = self.discover(issuer, client.allow_http, client.timeout).await?;
+        let url = self
+            .discover(issuer, client.allow_http, client.timeout)
+            .await?;
         tracing::info!(client = %client.name, issuer = %id, token_endpoint = %url, "token endpoint discovered");
-        self.discovered.lock().unwrap_or_else(|e| e.into_inner()).insert(id, url.clone());
+        self.discovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, url.clone());
         Ok(url)
     }
 
     /// OpenID Connect Discovery (`<issuer>/.well-known/openid-configuration`), then RFC 8414
     /// (`/.well-known/oauth-authorization-server<issuer path>`); the document's `issuer` must be the
     /// configured one.
-    async fn discover(&self, issuer: &Url, allow_http: bool, timeout: Duration) -> Result<Url, UpstreamError> {
+    async fn discover(
+        &self,
+        issuer: &Url,
+        allow_http: bool,
+        timeout: Duration,
+    ) -> Result<Url, UpstreamError> {
         let id = issuer_id(issuer);
         let mut rfc8414 = issuer.clone();
         rfc8414.set_path(&format!(
             "/.well-known/oauth-authorization-server{}",
             issuer.path().trim_end_matches('/')
         ));
-        let candidates = [format!("{id}/.well-known/openid-configuration"), rfc8414.to_string()];
+        let candidates = [
+            format!("{id}/.well-known/openid-configuration"),
+            rfc8414.to_string(),
+        ];
         for url in &candidates {
             let response = self
                 .http
@@ -212,8 +239,9 @@ impl Upstream {
                 issuer: Option<String>,
                 token_endpoint: Option<String>,
             }
-            let doc: Metadata = serde_json::from_slice(&body)
-                .map_err(|_| UpstreamError::Discovery(format!("{url} is not a JSON metadata document")))?;
+            let doc: Metadata = serde_json::from_slice(&body).map_err(|_| {
+                UpstreamError::Discovery(format!("{url} is not a JSON metadata document"))
+            })?;
             let found = doc.issuer.unwrap_or_default();
             if found.trim_end_matches('/') != id.trim_end_matches('/') {
                 return Err(UpstreamError::Discovery(format!(
@@ -251,7 +279,10 @@ impl Upstream {
             .header(ACCEPT, "application/json")
             .timeout(client.timeout);
         if let ClientAuth::Basic { secret, encoding } = &client.auth {
-            request = request.header(AUTHORIZATION, basic_header(&client.client_id, secret.expose(), *encoding));
+            request = request.header(
+                AUTHORIZATION,
+                basic_header(&client.client_id, secret.expose(), *encoding),
+            );
         }
         let request = request.body(body.as_bytes().to_vec());
 
@@ -301,7 +332,11 @@ impl Upstream {
 
 /// The form body: the grant, the scope, the client's extra parameters, and the credentials that go in the
 /// body (`client_secret_post`) or the client assertion (`private_key_jwt`).
-fn form_body(client: &ClientConfig, scopes: &ScopeSet, token_url: &Url) -> Result<Zeroizing<String>, UpstreamError> {
+fn form_body(
+    client: &ClientConfig,
+    scopes: &ScopeSet,
+    token_url: &Url,
+) -> Result<Zeroizing<String>, UpstreamError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", "client_credentials");
     form.append_pair("scope", &scopes.joined());
@@ -314,16 +349,29 @@ fn form_body(client: &ClientConfig, scopes: &ScopeSet, token_url: &Url) -> Resul
             form.append_pair("client_id", &client.client_id);
             form.append_pair("client_secret", secret.expose());
         }
-        ClientAuth::PrivateKeyJwt { key, key_id, audience } => {
+        ClientAuth::PrivateKeyJwt {
+            key,
+            key_id,
+            audience,
+        } => {
             let audience = match audience {
                 AssertionAudience::TokenEndpoint => token_url.as_str(),
                 AssertionAudience::Issuer => client.issuer.as_ref().map_or("", issuer_id),
                 AssertionAudience::Literal(aud) => aud.as_str(),
             };
-            let assertion = jwt::client_assertion(&client.client_id, audience, key, key_id.as_deref(), SystemTime::now())
-                .map_err(|e| UpstreamError::Assertion(e.to_string()))?;
+            let assertion = jwt::client_assertion(
+                &client.client_id,
+                audience,
+                key,
+                key_id.as_deref(),
+                SystemTime::now(),
+            )
+            .map_err(|e| UpstreamError::Assertion(e.to_string()))?;
             form.append_pair("client_id", &client.client_id);
-            form.append_pair("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+            form.append_pair(
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            );
             form.append_pair("client_assertion", &assertion);
         }
     }
@@ -332,7 +380,11 @@ fn form_body(client: &ClientConfig, scopes: &ScopeSet, token_url: &Url) -> Resul
 
 fn basic_header(client_id: &str, secret: &str, encoding: BasicEncoding) -> HeaderValue {
     let pair: Zeroizing<String> = Zeroizing::new(match encoding {
-        BasicEncoding::Form => format!("{}:{}", form_encode(client_id).as_str(), form_encode(secret).as_str()),
+        BasicEncoding::Form => format!(
+            "{}:{}",
+            form_encode(client_id).as_str(),
+            form_encode(secret).as_str()
+        ),
         BasicEncoding::Raw => format!("{client_id}:{secret}"),
     });
     let value = Zeroizing::new(format!(

@@ -4,7 +4,8 @@
 //   "scopes": ["scim:read", ...],
 //   "clients": [{ "client_id": "...", "auth": "client_secret_basic" | "client_secret_post" | "private_key_jwt",
 //                 "client_secret": "...", "alg": "ES256" | "RS256", "scope": "a b" }],
-//   "resources": { "https://api.example.com": { "scope": "a b" } } }
+//   "resources": { "https://api.example.com": { "scope": "a b" } },
+//   "issuer_host": "127.0.0.1" (the host named in the issuer; it always listens on 127.0.0.1) }
 // For private_key_jwt clients a key pair is generated here; the first line printed is JSON:
 //   { "issuer": "http://127.0.0.1:PORT", "keys": { "<client_id>": { "pem": "...", "kid": "..." } } }
 // Then the provider serves until killed.
@@ -40,7 +41,7 @@ const resources = input.resources ?? {};
 
 const server = createServer();
 server.listen(0, '127.0.0.1', () => {
-  const issuer = `http://127.0.0.1:${server.address().port}`;
+  const issuer = `http://${input.issuer_host ?? '127.0.0.1'}:${server.address().port}`;
   const provider = new Provider(issuer, {
     clients,
     scopes: input.scopes ?? [],

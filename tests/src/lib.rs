@@ -6,6 +6,7 @@
 
 pub mod fixture;
 pub mod idp;
+pub mod oidc;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
