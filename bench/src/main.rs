@@ -1,0 +1,519 @@
+//! `credbroker-bench`: measures the broker against the floor of its own stack and prints one table.
+//!
+//! - **Floor**: a bare tonic server on a Unix socket answering a constant `GetTokenResponse`, run as its own
+//!   process (`credbroker-bench floor SOCKET`), so it pays for the same process boundary as the daemon.
+//! - **Broker**: the release `credbrokerd` against the in-repo stand-in token endpoint.
+//! - The cached path is reported as ratios to the floor, from interleaved rounds (floor, broker, floor, …),
+//!   because absolute figures drift on a shared machine.
+//!
+//! Run it with `scripts/bench` (builds the release binaries first). `--quick` shortens every phase.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use credbroker_proto::pb;
+use credbroker_proto::{TokenBroker, TokenBrokerClient, TokenBrokerServer};
+use credbroker_tests::idp::{Fault, Registration, StandInIdp};
+use credbroker_tests::{Daemon, DaemonOptions, TestDir, bin};
+use tokio::io::AsyncBufReadExt;
+use tonic::transport::Channel;
+
+const HOT: &str = "bench:hot";
+const DISTINCT: usize = 1000;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("floor") {
+        let socket = args
+            .get(2)
+            .ok_or_else(|| anyhow::anyhow!("usage: credbroker-bench floor SOCKET"))?;
+        return tokio::runtime::Runtime::new()?.block_on(floor(Path::new(socket)));
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(quick))
+}
+
+/// The floor: a tonic server on a Unix socket that answers every GetToken with the same response.
+async fn floor(socket: &Path) -> anyhow::Result<()> {
+    struct Constant(pb::GetTokenResponse);
+    #[tonic::async_trait]
+    impl TokenBroker for Constant {
+        async fn get_token(
+            &self,
+            _: tonic::Request<pb::GetTokenRequest>,
+        ) -> Result<tonic::Response<pb::GetTokenResponse>, tonic::Status> {
+            Ok(tonic::Response::new(self.0.clone()))
+        }
+        async fn who_am_i(
+            &self,
+            _: tonic::Request<pb::WhoAmIRequest>,
+        ) -> Result<tonic::Response<pb::WhoAmIResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::WhoAmIResponse::default()))
+        }
+    }
+    let response = pb::GetTokenResponse {
+        access_token: "0b5f1e9e-55a4-4b53-9d0a-6f0f3b0c1d2e".into(),
+        token_type: "Bearer".into(),
+        expires_at: Some(prost_types::Timestamp::from(
+            std::time::SystemTime::now() + Duration::from_secs(3600),
+        )),
+        scopes: vec![HOT.into()],
+        client: "idp".into(),
+    };
+    let _ = std::fs::remove_file(socket);
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    println!("ready");
+    tonic::transport::Server::builder()
+        .add_service(TokenBrokerServer::new(Constant(response)))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await?;
+    Ok(())
+}
+
+async fn channel(socket: &Path) -> anyhow::Result<Channel> {
+    let path = socket.to_owned();
+    Ok(
+        tonic::transport::Endpoint::from_static("http://bench.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await?,
+    )
+}
+
+/// What one load run measured.
+#[derive(Default)]
+struct Stats {
+    calls: u64,
+    errors: u64,
+    elapsed: Duration,
+    /// Latencies in microseconds, sorted.
+    latencies: Vec<u32>,
+}
+
+impl Stats {
+    fn throughput(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        Duration::from_micros(u64::from(self.latencies[i]))
+    }
+}
+
+fn request(scope: &str) -> pb::GetTokenRequest {
+    pb::GetTokenRequest {
+        scopes: vec![scope.to_owned()],
+        ..Default::default()
+    }
+}
+
+/// `callers` concurrent callers over `conns` connections, each calling GetToken in a loop for `duration`.
+async fn load(
+    socket: &Path,
+    callers: usize,
+    conns: usize,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    let mut channels = Vec::new();
+    for _ in 0..conns {
+        channels.push(channel(socket).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..callers {
+        let mut client = TokenBrokerClient::new(channels[i % conns].clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match client.get_token(request(HOT)).await {
+                    Ok(_) => {
+                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut stats = Stats::default();
+    while let Some(r) = tasks.join_next().await {
+        let (lat, errors) = r?;
+        stats.calls += lat.len() as u64;
+        stats.errors += errors;
+        stats.latencies.extend(lat);
+    }
+    stats.elapsed = start.elapsed();
+    stats.latencies.sort_unstable();
+    Ok(stats)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+struct Row {
+    what: String,
+    value: String,
+    target: String,
+    ok: Option<bool>,
+}
+
+fn row(what: &str, value: String, target: &str, ok: Option<bool>) -> Row {
+    Row {
+        what: what.to_owned(),
+        value,
+        target: target.to_owned(),
+        ok,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn run(quick: bool) -> anyhow::Result<()> {
+    let (rounds, phase) = if quick {
+        (1, Duration::from_secs(1))
+    } else {
+        (3, Duration::from_secs(3))
+    };
+    let dir = TestDir::new();
+    let secret = "bench-secret";
+    dir.write("idp.secret", secret, 0o600);
+    let mut scopes: Vec<String> = (0..DISTINCT).map(|i| format!("bench:s{i}")).collect();
+    scopes.extend([HOT.to_owned(), "bench:cold".to_owned()]);
+    let idp = StandInIdp::start(
+        0,
+        vec![Registration {
+            id: "broker".into(),
+            secret: secret.into(),
+            scopes,
+        }],
+    )
+    .await;
+    let config = format!(
+        r#"version = 1
+[daemon]
+socket = "{dir}/credbroker.sock"
+rate_limit = {{ per_minute = 1000000, burst = 100000 }}
+
+[clients.idp]
+token_url = "{url}"
+client_id = "broker"
+client_secret = {{ file = "{dir}/idp.secret" }}
+
+[[policy]]
+name = "bench"
+match = {{ uid = 0 }}
+client = "idp"
+scopes = ["bench:*"]
+"#,
+        dir = dir.path().display(),
+        url = idp.token_url()
+    );
+    let opts = DaemonOptions {
+        log: "warn".into(),
+        ..DaemonOptions::default()
+    };
+    let daemon = Daemon::start_with(&dir, &config, opts).await;
+    let broker_socket = daemon.socket.clone();
+    let floor_socket = dir.path().join("floor.sock");
+    let mut floor = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("floor")
+        .arg(&floor_socket)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(floor.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .await?;
+    anyhow::ensure!(
+        line.trim() == "ready",
+        "the floor server did not start: {line:?}"
+    );
+
+    // Warm up both (connections, the cache, the allocator).
+    load(&broker_socket, 4, 2, Duration::from_millis(500)).await?;
+    load(&floor_socket, 4, 2, Duration::from_millis(500)).await?;
+    let idle_rss = rss_kib(daemon.pid());
+
+    // Interleaved rounds of the cached path.
+    let scenarios = [(1usize, 1usize), (64, 16)];
+    let mut results: Vec<Vec<(Stats, Stats)>> = scenarios.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, (callers, conns)) in scenarios.iter().enumerate() {
+            let f = load(&floor_socket, *callers, *conns, phase).await?;
+            let b = load(&broker_socket, *callers, *conns, phase).await?;
+            results[i].push((f, b));
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, (callers, conns)) in scenarios.iter().enumerate() {
+        let runs = &results[i];
+        let tput = |pick: fn(&(Stats, Stats)) -> &Stats| {
+            median(runs.iter().map(|r| pick(r).throughput()).collect())
+        };
+        let pct = |pick: fn(&(Stats, Stats)) -> &Stats, p: f64| {
+            Duration::from_secs_f64(median(
+                runs.iter()
+                    .map(|r| pick(r).percentile(p).as_secs_f64())
+                    .collect(),
+            ))
+        };
+        let (ft, bt) = (tput(|r| &r.0), tput(|r| &r.1));
+        let errors: u64 = runs.iter().map(|r| r.1.errors).sum();
+        let label = format!("cache hit, {callers} caller(s) / {conns} conn(s)");
+        rows.push(row(
+            &format!("{label}: throughput"),
+            format!("{bt:.0}/s (floor {ft:.0}/s) = {:.2}x", bt / ft),
+            if *callers == 64 { ">= 0.8x floor" } else { "" },
+            (*callers == 64).then_some(bt / ft >= 0.8),
+        ));
+        for (name, p) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)] {
+            let (fp, bp) = (pct(|r| &r.0, p), pct(|r| &r.1, p));
+            let ratio = bp.as_secs_f64() / fp.as_secs_f64();
+            let target = *callers == 1 && name == "p50";
+            rows.push(row(
+                &format!("{label}: {name}"),
+                format!("{} (floor {}) = {ratio:.2}x", ms(bp), ms(fp)),
+                if target { "<= 1.25x floor" } else { "" },
+                target.then_some(ratio <= 1.25),
+            ));
+        }
+        rows.push(row(
+            &format!("{label}: errors"),
+            errors.to_string(),
+            "0",
+            Some(errors == 0),
+        ));
+    }
+    rows.push(row(
+        "daemon idle RSS",
+        format!("{:.1} MB", idle_rss as f64 / 1024.0),
+        "< 20 MB",
+        Some(idle_rss < 20 * 1024),
+    ));
+
+    // A cold burst: 300 callers for one key nobody asked for yet, against an IdP that takes 200 ms.
+    idp.set_fault(Fault::Slow(Duration::from_millis(200)));
+    let before = idp.request_count();
+    let mut channels = Vec::new();
+    for _ in 0..30 {
+        channels.push(channel(&broker_socket).await?);
+    }
+    let start = Instant::now();
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let mut c = TokenBrokerClient::new(channels[i % channels.len()].clone());
+        burst.spawn(async move {
+            c.get_token(request("bench:cold"))
+                .await
+                .map(|r| r.into_inner().access_token)
+        });
+    }
+    let mut tokens = std::collections::HashSet::new();
+    while let Some(r) = burst.join_next().await {
+        tokens.insert(r??);
+    }
+    let wall = start.elapsed();
+    idp.set_fault(Fault::None);
+    let idp_requests = idp.request_count() - before;
+    rows.push(row(
+        "cold burst, 300 callers, 1 key (IdP 200 ms)",
+        format!(
+            "{idp_requests} IdP request(s), {} distinct token(s), {} wall",
+            tokens.len(),
+            ms(wall)
+        ),
+        "1 IdP request",
+        Some(idp_requests == 1 && tokens.len() == 1),
+    ));
+
+    // 1,000 distinct scope sets cached.
+    let rss_before = rss_kib(daemon.pid());
+    let ch = channel(&broker_socket).await?;
+    let mut fill = tokio::task::JoinSet::new();
+    for chunk in 0..16 {
+        let mut c = TokenBrokerClient::new(ch.clone());
+        fill.spawn(async move {
+            for i in (chunk..DISTINCT).step_by(16) {
+                c.get_token(request(&format!("bench:s{i}"))).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        });
+    }
+    while let Some(r) = fill.join_next().await {
+        r??;
+    }
+    let rss_after = rss_kib(daemon.pid());
+    let per_token = (rss_after.saturating_sub(rss_before) * 1024) as f64 / DISTINCT as f64;
+    rows.push(row(
+        "1,000 distinct scope sets cached",
+        format!(
+            "RSS {:.1} -> {:.1} MB, {per_token:.0} B per cached token",
+            rss_before as f64 / 1024.0,
+            rss_after as f64 / 1024.0
+        ),
+        "< 2 KB per token",
+        Some(per_token < 2048.0),
+    ));
+
+    // The CLI's cold start: a whole `credbroker token` process for a cached token.
+    let cli = bin("credbroker");
+    let runs = if quick { 11 } else { 51 };
+    let mut walls = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = tokio::process::Command::new(&cli)
+            .arg("--socket")
+            .arg(&broker_socket)
+            .args(["token", HOT])
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(out.success(), "credbroker token failed");
+        walls.push(t.elapsed().as_secs_f64());
+    }
+    let cli_median = Duration::from_secs_f64(median(walls.clone()));
+    walls.sort_by(f64::total_cmp);
+    let cli_p90 = Duration::from_secs_f64(walls[walls.len() * 9 / 10]);
+    rows.push(row(
+        "CLI `credbroker token` (cached), wall",
+        format!(
+            "median {}, p90 {} ({runs} runs)",
+            ms(cli_median),
+            ms(cli_p90)
+        ),
+        "median < 15 ms",
+        Some(cli_median < Duration::from_millis(15)),
+    ));
+
+    // IdP requests per hour for a steady workload of 5-minute tokens (the daemon's cache on a paused clock).
+    let per_hour = std::thread::spawn(steady_workload)
+        .join()
+        .map_err(|_| anyhow::anyhow!("model panicked"))??;
+    rows.push(row(
+        "steady workload, 5-min tokens, 1 call/s for 1 h",
+        format!("{per_hour} IdP requests per hour (a token lasts 300 s: 12 is the floor)"),
+        "",
+        None,
+    ));
+
+    print_table(&rows, quick);
+    drop(floor);
+    drop(daemon);
+    Ok(())
+}
+
+/// Drives the daemon's own `TokenCache` on a paused clock: one call a second for an hour, 5-minute tokens,
+/// the default min TTL; counts the fetches (initial and refreshes).
+fn steady_workload() -> anyhow::Result<usize> {
+    use credbroker_daemon::cache::{
+        CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache,
+    };
+    use credbroker_daemon::scope::ScopeSet;
+    use credbroker_daemon::upstream::Issued;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Count(AtomicUsize);
+    impl Fetcher for Count {
+        fn fetch(&self, key: &CacheKey) -> FetchFuture {
+            let n = self.0.fetch_add(1, Ordering::SeqCst);
+            let granted = key.scopes.clone();
+            Box::pin(async move {
+                Ok(Issued {
+                    access_token: secrecy::SecretString::from(format!("token-{n}")),
+                    token_type: "Bearer".into(),
+                    lifetime: Duration::from_secs(300),
+                    received_at: tokio::time::Instant::now(),
+                    granted,
+                    assumed_lifetime: false,
+                })
+            })
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()?;
+    rt.block_on(async {
+        let counter = Arc::new(Count(AtomicUsize::new(0)));
+        let cache = TokenCache::new(counter.clone(), CacheConfig::default());
+        let key = CacheKey {
+            client: "idp".into(),
+            scopes: ScopeSet::parse(&[HOT])?,
+        };
+        for _ in 0..3600 {
+            cache
+                .get(&key, MinTtl::Default(Duration::from_secs(60)), || Ok(()))
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok(counter.0.load(Ordering::SeqCst))
+    })
+}
+
+fn print_table(rows: &[Row], quick: bool) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("machine: {cores} cores, {cpu}, Linux {}", kernel.trim());
+    println!(
+        "mode: {}",
+        if quick {
+            "quick (1 round of 1 s)"
+        } else {
+            "3 interleaved rounds of 3 s per scenario; medians"
+        }
+    );
+    println!();
+    println!("| measurement | result | target | |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        let ok = match r.ok {
+            Some(true) => "ok",
+            Some(false) => "MISSED",
+            None => "",
+        };
+        println!("| {} | {} | {} | {ok} |", r.what, r.value, r.target);
+    }
+}
