@@ -76,19 +76,7 @@ async fn floor(socket: &Path) -> anyhow::Result<()> {
 }
 
 async fn channel(socket: &Path) -> anyhow::Result<Channel> {
-    let path = socket.to_owned();
-    Ok(
-        tonic::transport::Endpoint::from_static("http://bench.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await?,
-    )
+    Ok(credbroker_tests::uds_channel(socket).await)
 }
 
 /// What one load run measured.

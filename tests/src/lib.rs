@@ -276,6 +276,50 @@ fn socket_of(config: &str) -> PathBuf {
         .expect("the test config sets daemon.socket")
 }
 
+/// A command's standard output, trailing whitespace removed.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
+}
+
+/// A command's standard error.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits until `done` holds, checking every 10 ms.
+///
+/// # Panics
+/// If it does not hold within [`WAIT`]; the message names `what`.
+pub async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A gRPC channel to a Unix socket, for talking to a server without the client library.
+///
+/// # Panics
+/// If it cannot connect.
+pub async fn uds_channel(path: &Path) -> tonic::transport::Channel {
+    let path = path.to_owned();
+    tonic::transport::Endpoint::from_static("http://credbroker.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("connect to the socket")
+}
+
 /// Runs `credbrokerd check-config` on `config` written to `dir`.
 pub async fn check_config(dir: &TestDir, config: &str) -> Output {
     let path = dir.write("check.toml", config, 0o644);

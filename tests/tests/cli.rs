@@ -7,16 +7,8 @@ use std::process::Stdio;
 use credbroker_client::secrecy::ExposeSecret;
 use credbroker_client::{Client, RequestBuilderExt, TokenRequest};
 use credbroker_tests::fixture::{NOBODY, Setup};
-use credbroker_tests::{Daemon, WAIT, bin, run_cli};
+use credbroker_tests::{Daemon, WAIT, bin, run_cli, stderr, stdout};
 use tokio::io::AsyncBufReadExt;
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[tokio::test]
 async fn exec_hands_the_token_to_the_command_in_its_environment_only() {

@@ -8,15 +8,7 @@ use credbroker_client::secrecy::ExposeSecret;
 use credbroker_client::{Error, TokenRequest};
 use credbroker_tests::fixture::{NOBODY, SECRET, Setup};
 use credbroker_tests::idp::Fault;
-use credbroker_tests::{Daemon, DaemonOptions, WAIT, bin, check_config};
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use credbroker_tests::{Daemon, DaemonOptions, WAIT, bin, check_config, stderr, stdout, wait_for};
 
 #[tokio::test]
 async fn an_allowed_caller_gets_the_issued_token_minted_with_exactly_its_scopes() {
@@ -724,19 +716,13 @@ async fn denials_are_audited_every_time_and_a_grant_once_per_connection() {
 
     // When the connection closes, the four repeats are summed up in one event.
     drop(c);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let log = d.log();
-        if let Some(l) = log.lines().find(|l| l.contains("grant-repeats")) {
-            assert!(l.contains("count=4") && l.contains(&fp), "{l}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no grant-repeats event:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("the grant-repeats event", || {
+        d.log().contains("grant-repeats")
+    })
+    .await;
+    let log = d.log();
+    let l = log.lines().find(|l| l.contains("grant-repeats")).unwrap();
+    assert!(l.contains("count=4") && l.contains(&fp), "{l}");
 }
 
 /// A gRPC client over one already-connected stream.

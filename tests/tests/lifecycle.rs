@@ -1,7 +1,7 @@
 //! End-to-end tests of the token lifecycle through the real daemon: single flight, refresh ahead, retries,
 //! serving through IdP trouble, remembered refusals, per-uid rate limits, and callers that give up.
 //! Timing-heavy behaviour (backoff schedules, jitter, refresh points) is tested on tokio's paused clock in
-//! the daemon's `cache` and `retry` unit tests; here each wait is for an event, bounded by [`WAIT`].
+//! the daemon's `cache` and `retry` unit tests; here each wait is for an event, bounded by `credbroker_tests::WAIT`.
 
 use std::time::Duration;
 
@@ -9,7 +9,7 @@ use credbroker_client::secrecy::ExposeSecret;
 use credbroker_client::{Error, TokenRequest};
 use credbroker_tests::fixture::{NOBODY, Setup};
 use credbroker_tests::idp::Fault;
-use credbroker_tests::{Daemon, WAIT};
+use credbroker_tests::{Daemon, wait_for};
 
 #[tokio::test]
 async fn a_burst_of_300_cold_callers_makes_one_idp_request() {
@@ -60,15 +60,7 @@ async fn a_token_in_use_is_renewed_in_the_background() {
         first.access_token().expose_secret()
     );
     // Wait for the renewal the daemon makes on its own.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.idp.request_count() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no renewal:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("the background renewal", || s.idp.request_count() >= 2).await;
     let renewed = s.idp.issued_tokens()[1].clone();
     // Callers now get the renewed token from the cache, with the whole new lifetime ahead.
     let t = c.token(["scim:read"]).await.unwrap();
@@ -192,11 +184,10 @@ async fn a_caller_that_gives_up_does_not_cancel_the_fetch_others_wait_for() {
     let mut patient = d.client().await;
     let a = tokio::spawn(async move { impatient.token(["scim:read"]).await });
     // Let the impatient caller start the fetch first.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.idp.arrival_count() == 0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for("the first fetch to reach the IdP", || {
+        s.idp.arrival_count() > 0
+    })
+    .await;
     let b = tokio::spawn(async move { patient.get_token(TokenRequest::new(["scim:read"])).await });
     let err = a.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Timeout(_)), "{err}");

@@ -9,15 +9,11 @@ use std::time::Duration;
 use credbroker_client::secrecy::ExposeSecret;
 use credbroker_tests::fixture::{NOBODY, SECRET, Setup};
 use credbroker_tests::idp::Fault;
-use credbroker_tests::{Daemon, DaemonOptions, WAIT, bin, run_cli};
+use credbroker_tests::{Daemon, DaemonOptions, WAIT, bin, run_cli, stderr, uds_channel, wait_for};
 use tokio::io::AsyncBufReadExt;
 
 fn units() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 async fn analyze(args: &[&str]) -> std::process::Output {
@@ -269,11 +265,7 @@ async fn sigterm_lets_an_in_flight_call_finish_then_exits_0_and_removes_the_sock
     let d = s.daemon().await;
     let mut c = d.client().await;
     let call = tokio::spawn(async move { c.token(["scim:read"]).await });
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while s.idp.arrival_count() == 0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for("the call to reach the IdP", || s.idp.arrival_count() > 0).await;
     let socket = d.socket.clone();
     let log = s.dir.path().join("daemon.log");
     let status = d.stop().await;
@@ -308,18 +300,7 @@ async fn health_and_reflection_answer_on_the_socket() {
 
     let s = Setup::new().await;
     let d = s.daemon().await;
-    let path = d.socket.clone();
-    let channel = tonic::transport::Endpoint::from_static("http://credbroker.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = uds_channel(&d.socket).await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "credbroker.v1.TokenBroker"] {
         let r = health
