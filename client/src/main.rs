@@ -36,7 +36,7 @@ exec: once CMD runs, the exit status is CMD's own; 126 or 127 if it cannot be ru
 
 /// Least-privilege OAuth 2.0 tokens from credbrokerd, for this process as the kernel identifies it.
 #[derive(Parser)]
-#[command(name = "credbroker", version, about, after_help = EXIT_CODES)]
+#[command(name = "credbroker", version, after_help = EXIT_CODES)]
 struct Cli {
     /// The daemon's socket [default: $CREDBROKER_SOCKET, else /run/credbroker/credbroker.sock, else
     /// $XDG_RUNTIME_DIR/credbroker/credbroker.sock]

@@ -24,7 +24,7 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Exit codes: 0 clean shutdown or valid config; 1 runtime failure (e.g. the socket cannot be bound);
 /// 64 invalid config; 71 the process could not be made non-dumpable.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "CREDBROKER_CONFIG", default_value = config::DEFAULT_PATH)]
