@@ -26,7 +26,8 @@ fn exe(caller: &Caller) -> String {
         .unwrap_or_default()
 }
 
-/// A refused request. `requested` is what the caller sent (it may not be a valid scope set).
+/// A refused request. `requested` is what the caller sent (it may not be a valid scope set), so it is logged
+/// quoted and escaped: a caller cannot forge log lines with newlines. Executables and units are quoted too.
 pub fn denied(
     caller: Option<&Caller>,
     client: &str,
@@ -41,15 +42,15 @@ pub fn denied(
             uid = c.uid,
             user = c.user.as_deref().unwrap_or(""),
             pid = c.pid,
-            exe = %exe(c),
+            exe = exe(c).as_str(),
             unit = c.unit.as_deref().unwrap_or(""),
             client,
-            requested = %requested,
+            requested = requested.as_str(),
             reason = %reason,
             "token denied"
         ),
         None => {
-            tracing::warn!(target: TARGET, event = "deny", client, requested = %requested, reason = %reason, "token denied")
+            tracing::warn!(target: TARGET, event = "deny", client, requested = requested.as_str(), reason = %reason, "token denied")
         }
     }
 }
@@ -62,7 +63,7 @@ pub fn failed(caller: &Caller, client: &str, requested: &ScopeSet, reason: &dyn 
         uid = caller.uid,
         user = caller.user.as_deref().unwrap_or(""),
         pid = caller.pid,
-        exe = %exe(caller),
+        exe = exe(caller).as_str(),
         unit = caller.unit.as_deref().unwrap_or(""),
         client,
         requested = %requested,
@@ -96,7 +97,7 @@ fn granted(g: &Grant<'_>) {
         uid = g.caller.uid,
         user = g.caller.user.as_deref().unwrap_or(""),
         pid = g.caller.pid,
-        exe = %exe(g.caller),
+        exe = exe(g.caller).as_str(),
         unit = g.caller.unit.as_deref().unwrap_or(""),
         client = g.client,
         requested = %g.requested,

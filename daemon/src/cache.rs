@@ -303,9 +303,12 @@ impl Slot {
 
 struct Inner {
     shards: Vec<RwLock<HashMap<CacheKey, Arc<Slot>>>>,
+    /// Entries across all shards.
+    entries: std::sync::atomic::AtomicUsize,
     hasher: std::collections::hash_map::RandomState,
     fetcher: Arc<dyn Fetcher>,
-    config: CacheConfig,
+    /// Read on inserts and fetches only; a reload may change it.
+    config: Mutex<CacheConfig>,
     epoch: Instant,
 }
 
@@ -320,9 +323,10 @@ impl TokenCache {
         Self {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+                entries: std::sync::atomic::AtomicUsize::new(0),
                 hasher: std::collections::hash_map::RandomState::new(),
                 fetcher,
-                config,
+                config: Mutex::new(config),
                 epoch: Instant::now(),
             }),
         }
@@ -351,7 +355,16 @@ impl TokenCache {
             map.retain(|k, _| keep(&k.client));
             dropped += before - map.len();
         }
+        self.inner.entries.fetch_sub(dropped, Ordering::Relaxed);
         dropped
+    }
+
+    /// Applies new limits: the bound on entries (enforced from the next insert) and the default min TTL that
+    /// sets refresh points (from the next token stored).
+    pub fn reconfigure(&self, max_entries: usize, default_min_ttl: Duration) {
+        let mut config = self.inner.config.lock().unwrap_or_else(|e| e.into_inner());
+        config.max_entries = max_entries;
+        config.default_min_ttl = default_min_ttl;
     }
 
     /// A token for `key` that satisfies `min_ttl`: the cached one, or a new one. A new fetch is started only
@@ -379,11 +392,12 @@ impl TokenCache {
             }
             if let Some((at, error)) = &st.failure {
                 let age = now.saturating_duration_since(*at);
-                if age < inner.config.error_ttl {
+                let error_ttl = inner.config().error_ttl;
+                if age < error_ttl {
                     return Err(CacheError::Remembered {
                         error: error.clone(),
                         age,
-                        retry_in: inner.config.error_ttl - age,
+                        retry_in: error_ttl - age,
                     });
                 }
                 st.failure = None;
@@ -419,36 +433,58 @@ impl Inner {
         &self.shards[(h as usize) % SHARDS]
     }
 
+    fn config(&self) -> CacheConfig {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn slot(&self, key: &CacheKey, now: Instant) -> Arc<Slot> {
         let shard = self.shard(key);
         if let Some(slot) = shard.read().unwrap_or_else(|e| e.into_inner()).get(key) {
             return slot.clone();
         }
-        let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = map.get(key) {
-            return slot.clone();
+        let slot = {
+            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = map.get(key) {
+                return slot.clone();
+            }
+            let slot = Arc::new(Slot {
+                key: key.clone(),
+                token: RwLock::new(None),
+                state: Mutex::new(SlotState::default()),
+                last_used: AtomicU64::new(self.millis(now)),
+                refresher: Mutex::new(None),
+            });
+            map.insert(key.clone(), slot.clone());
+            slot
+        };
+        if self.entries.fetch_add(1, Ordering::Relaxed) >= self.config().max_entries.max(1) {
+            self.evict_one();
         }
-        let capacity = self.config.max_entries.div_ceil(SHARDS).max(1);
-        if map.len() >= capacity {
-            // Keep entries a fetch is using; of the rest, drop the one expiring soonest (no token first).
-            let victim = map
-                .iter()
-                .filter(|(_, s)| s.state().inflight.is_none())
-                .min_by_key(|(_, s)| s.token().map(|t| t.expires_at))
-                .map(|(k, _)| k.clone());
-            if let Some(k) = victim {
-                map.remove(&k);
+        slot
+    }
+
+    /// Drops the idle entry (no caller holds it, no fetch under way) that expires soonest, an entry without a
+    /// token first. Shard locks are taken one at a time, never nested.
+    fn evict_one(&self) {
+        let idle = |s: &Arc<Slot>| Arc::strong_count(s) == 1 && s.state().inflight.is_none();
+        let mut victim: Option<(usize, CacheKey, Option<Instant>)> = None;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let map = shard.read().unwrap_or_else(|e| e.into_inner());
+            for (k, s) in map.iter().filter(|(_, s)| idle(s)) {
+                let expires = s.token().map(|t| t.expires_at);
+                if victim.as_ref().is_none_or(|(_, _, best)| expires < *best) {
+                    victim = Some((i, k.clone(), expires));
+                }
             }
         }
-        let slot = Arc::new(Slot {
-            key: key.clone(),
-            token: RwLock::new(None),
-            state: Mutex::new(SlotState::default()),
-            last_used: AtomicU64::new(self.millis(now)),
-            refresher: Mutex::new(None),
-        });
-        map.insert(key.clone(), slot.clone());
-        slot
+        if let Some((i, key, _)) = victim {
+            let mut map = self.shards[i].write().unwrap_or_else(|e| e.into_inner());
+            // Still idle now that nobody else can reach it.
+            if map.get(&key).is_some_and(idle) {
+                map.remove(&key);
+                self.entries.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Starts the one fetch for `slot`; its result goes to every receiver of the returned channel.
@@ -462,7 +498,18 @@ impl Inner {
         let fetch = self.fetcher.fetch(&slot.key);
         let (inner, weak) = (Arc::downgrade(self), Arc::downgrade(slot));
         tokio::spawn(async move {
+            // Should the fetch panic, its slot must not stay "in flight" forever.
+            struct Unstick(Weak<Slot>);
+            impl Drop for Unstick {
+                fn drop(&mut self) {
+                    if let Some(slot) = self.0.upgrade() {
+                        slot.state().inflight = None;
+                    }
+                }
+            }
+            let unstick = Unstick(weak.clone());
             let result = fetch.await;
+            std::mem::forget(unstick);
             let result = match (inner.upgrade(), weak.upgrade()) {
                 (Some(inner), Some(slot)) => inner.complete(&slot, result),
                 _ => result
@@ -484,7 +531,7 @@ impl Inner {
         st.inflight = None;
         match result {
             Ok(issued) => {
-                let token = Arc::new(CachedToken::new(issued, &self.config));
+                let token = Arc::new(CachedToken::new(issued, &self.config()));
                 let previous = slot
                     .token
                     .write()
@@ -534,6 +581,7 @@ impl Inner {
         let unchanged = slot.token().is_some_and(|t| Arc::ptr_eq(&t, token));
         if same && unchanged && slot.state().inflight.is_none() {
             map.remove(&slot.key);
+            self.entries.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(client = %slot.key.client, scopes = %slot.key.scopes, token = %token.fingerprint, "expired token dropped");
         }
     }
@@ -566,10 +614,16 @@ async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
             tracing::debug!(client = %slot_s.key.client, scopes = %slot_s.key.scopes, token = %token.fingerprint, "token not in use: not refreshing it");
             drop((inner_s, slot_s));
             tokio::time::sleep_until(token.expires_at).await;
-            if let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) {
+            let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) else {
+                return;
+            };
+            if slot_s.token().is_some_and(|t| Arc::ptr_eq(&t, &token)) {
                 inner_s.remove_expired(&slot_s, &token);
+                return;
             }
-            return;
+            // A caller fetched a new token meanwhile: look after that one.
+            wake = None;
+            continue;
         }
         let mut rx = {
             let mut st = slot_s.state();
@@ -870,7 +924,10 @@ mod tests {
         let cache = TokenCache::new(fake.clone(), CacheConfig::default());
         let k = key(&["a"]);
         cache.get(&k, DEFAULT, open).await.unwrap();
-        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server { status: 503 });
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server {
+            status: 503,
+            retry_after: None,
+        });
         for _ in 0..9 {
             tokio::time::advance(Duration::from_secs(10)).await;
             settle().await;
@@ -909,7 +966,10 @@ mod tests {
         ));
         assert_eq!(fake.calls(), 2);
         // Transient errors are not remembered.
-        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server { status: 503 });
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server {
+            status: 503,
+            retry_after: None,
+        });
         let k2 = key(&["b"]);
         assert!(cache.get(&k2, DEFAULT, open).await.is_err());
         assert!(matches!(
@@ -938,22 +998,64 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn bounded_in_entries() {
+    async fn bounded_in_entries_across_shards_dropping_the_soonest_to_expire() {
         let (fake, _gate) = Fake::new(3600);
         let cache = TokenCache::new(
             fake.clone(),
             CacheConfig {
-                max_entries: SHARDS,
+                max_entries: 3,
                 ..CacheConfig::default()
             },
         );
-        for i in 0..500 {
+        for i in 0..50 {
             cache
                 .get(&key(&[&format!("s{i}")]), DEFAULT, open)
                 .await
                 .unwrap();
-            assert!(cache.len() <= SHARDS);
+            assert!(cache.len() <= 3, "{} entries", cache.len());
+            tokio::time::advance(Duration::from_secs(1)).await;
         }
+        // The newest three remain: the others expired soonest.
+        let before = fake.calls();
+        for i in 47..50 {
+            assert_eq!(
+                cache
+                    .get(&key(&[&format!("s{i}")]), DEFAULT, open)
+                    .await
+                    .unwrap()
+                    .1,
+                Source::Cache
+            );
+        }
+        assert_eq!(fake.calls(), before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_fetched_while_its_predecessor_idled_is_still_renewed() {
+        let (fake, _gate) = Fake::new(1000);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let k = key(&["a"]);
+        cache.get(&k, DEFAULT, open).await.unwrap();
+        // Unused: its refresher decides not to renew and waits for expiry (usable life 940 s, renewal ~650 s).
+        tokio::time::advance(Duration::from_secs(900)).await;
+        settle().await;
+        assert_eq!(fake.calls(), 1);
+        // A caller that needs more than is left fetches a new token meanwhile, and keeps using it.
+        let r = cache
+            .get(&k, MinTtl::Explicit(Duration::from_secs(200)), open)
+            .await
+            .unwrap();
+        assert_eq!(r.1, Source::Idp);
+        for _ in 0..800 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            settle().await;
+            cache.get(&k, DEFAULT, open).await.unwrap();
+        }
+        assert!(
+            fake.calls() >= 3,
+            "the new token was never renewed ahead: {} fetches",
+            fake.calls()
+        );
     }
 
     #[test]

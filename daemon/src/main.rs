@@ -49,7 +49,13 @@ fn main() -> ExitCode {
         eprintln!("credbrokerd: refusing to start: cannot make the process non-dumpable: {e}");
         return ExitCode::from(EXIT_OSERR);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_CONFIG } else { 0 });
+        }
+    };
     let config = match Config::load(&cli.config, &SecretEnv::process()) {
         Ok(c) => c,
         Err(e) => {

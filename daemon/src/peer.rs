@@ -29,6 +29,9 @@ pub struct PeerCred {
     pub groups: Vec<u32>,
     /// A pidfd for the peer process, which outlives any reuse of its pid.
     pidfd: Option<OwnedFd>,
+    /// Whether the pidfd came from `pidfd_open` after accept (kernels before 6.5) rather than from the socket:
+    /// then the pid may already have been reused when it was pinned, and the identity is cross-checked.
+    pinned_late: bool,
 }
 
 impl fmt::Debug for PeerCred {
@@ -66,6 +69,13 @@ pub enum PeerError {
         /// The peer's pid.
         pid: i32,
     },
+    /// (Kernels before 6.5.) The process now behind the pid has other ids than the peer that connected: the
+    /// pid may have been reused.
+    #[error("the process behind pid {pid} is not the one that connected (pid reused?)")]
+    Replaced {
+        /// The peer's pid.
+        pid: i32,
+    },
     /// `/proc/<pid>` could not be read.
     #[error("could not read /proc/{pid}: {source}")]
     Proc {
@@ -86,12 +96,14 @@ impl PeerCred {
         let cred = stream.peer_cred().map_err(PeerError::Credentials)?;
         let pid = cred.pid().filter(|&p| p > 0);
         let groups = sys::peer_groups(stream.as_fd()).map_err(PeerError::Credentials)?;
+        let mut pinned_late = false;
         let pidfd = match pid {
             None => None,
             Some(pid) => Some(match sys::peer_pidfd(stream.as_fd()) {
                 Ok(fd) => fd,
                 // Kernels before 6.5: pin the pid now, as close to connect() as we can get.
                 Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+                    pinned_late = true;
                     sys::pidfd_open(pid).map_err(|source| PeerError::Pidfd { pid, source })?
                 }
                 Err(source) => return Err(PeerError::Pidfd { pid, source }),
@@ -103,6 +115,7 @@ impl PeerCred {
             pid,
             groups,
             pidfd,
+            pinned_late,
         })
     }
 
@@ -135,6 +148,21 @@ impl PeerCred {
         let exe = std::fs::read_link(dir.join("exe")).ok();
         let cgroup = std::fs::read_to_string(dir.join("cgroup"))
             .map_err(|source| PeerError::Proc { pid, source })?;
+        if self.pinned_late {
+            // The pidfd may pin a newcomer that reused the pid before accept(): refuse unless it has the
+            // effective uid and gid the kernel recorded at connect(2).
+            let status = std::fs::read_to_string(dir.join("status"))
+                .map_err(|source| PeerError::Proc { pid, source })?;
+            let effective = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|ids| ids.split_whitespace().nth(1)?.parse::<u32>().ok())
+            };
+            if effective("Uid:") != Some(self.uid) || effective("Gid:") != Some(self.gid) {
+                return Err(PeerError::Replaced { pid });
+            }
+        }
         // Whatever we read belongs to the peer only if it is still alive now: a pid is not reused before its
         // process has exited, and the pidfd says whether it has.
         self.ensure_alive()?;
@@ -181,19 +209,22 @@ pub struct Caller {
 }
 
 impl fmt::Display for Caller {
-    /// A short description for error messages and logs: `uid=1000(alice) pid=42 exe=/usr/bin/x unit=x.service`.
+    /// A short description for error messages and logs: `uid=1000(alice) gid=1000 pid=42 exe="/usr/bin/x"
+    /// unit="x.service"`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "uid={}", self.uid)?;
         if let Some(user) = &self.user {
             write!(f, "({user})")?;
         }
         write!(f, " gid={} pid={}", self.gid, self.pid)?;
+        // Quoted and escaped: a path or cgroup name may hold newlines and other control characters, which must
+        // not reach log lines or messages raw.
         match &self.exe {
-            Some(exe) => write!(f, " exe={}", exe.display())?,
+            Some(exe) => write!(f, " exe={exe:?}")?,
             None => write!(f, " exe=?")?,
         }
         if let Some(unit) = &self.unit {
-            write!(f, " unit={unit}")?;
+            write!(f, " unit={unit:?}")?;
         }
         Ok(())
     }
@@ -284,6 +315,19 @@ mod tests {
         assert_eq!(unit_from_cgroup("0::/\n"), None);
         assert_eq!(unit_from_cgroup("0::/docker/abc123\n"), None);
         assert_eq!(unit_from_cgroup(""), None);
+    }
+
+    #[tokio::test]
+    async fn a_late_pinned_pid_must_still_have_the_ids_that_connected() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut cred = PeerCred::from_stream(&a).unwrap();
+        cred.pinned_late = true;
+        assert!(cred.identify(Path::new("/proc")).is_ok());
+        cred.uid += 1;
+        assert!(matches!(
+            cred.identify(Path::new("/proc")),
+            Err(PeerError::Replaced { .. })
+        ));
     }
 
     #[tokio::test]

@@ -46,6 +46,10 @@ impl RetryPolicy {
         }
         if let UpstreamError::RateLimited {
             retry_after: Some(after),
+        }
+        | UpstreamError::Server {
+            retry_after: Some(after),
+            ..
         } = error
         {
             return (*after <= self.max_retry_after).then_some(*after);
@@ -137,7 +141,10 @@ mod tests {
     #[test]
     fn backoff_is_capped_exponential_with_full_jitter() {
         let p = RetryPolicy::default();
-        let e = UpstreamError::Server { status: 503 };
+        let e = UpstreamError::Server {
+            status: 503,
+            retry_after: None,
+        };
         assert_eq!(p.delay(0, &e, 1.0), Some(Duration::from_millis(200)));
         assert_eq!(p.delay(2, &e, 1.0), Some(Duration::from_millis(800)));
         assert_eq!(p.delay(10, &e, 1.0), Some(Duration::from_secs(5)));
@@ -153,6 +160,11 @@ mod tests {
             retry_after: Some(Duration::from_secs(s)),
         };
         assert_eq!(p.delay(0, &later(7), 0.1), Some(Duration::from_secs(7)));
+        let unavailable = UpstreamError::Server {
+            status: 503,
+            retry_after: Some(Duration::from_secs(4)),
+        };
+        assert_eq!(p.delay(0, &unavailable, 0.1), Some(Duration::from_secs(4)));
         assert_eq!(p.delay(0, &later(3600), 0.1), None);
     }
 
@@ -172,7 +184,10 @@ mod tests {
             let n = calls.get();
             async move {
                 if n < 3 {
-                    Err(UpstreamError::Server { status: 502 })
+                    Err(UpstreamError::Server {
+                        status: 502,
+                        retry_after: None,
+                    })
                 } else {
                     Ok(issued())
                 }

@@ -22,7 +22,7 @@ use crate::service::Broker;
 
 /// Largest gRPC message accepted from a caller.
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
-/// Most connections open at once; further callers wait in the listen backlog.
+/// Most connections open at once; further connections are accepted and closed at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Most concurrent calls on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
@@ -150,17 +150,27 @@ impl AsyncWrite for PeerStream {
 /// running out of file descriptors) are logged and retried after a pause instead of spinning.
 async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Result<PeerStream, io::Error>>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refused = 0u64;
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            () = tx.closed() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = tx.closed() => return,
         };
         match accepted {
             Ok((io, _)) => {
+                // Over the limit: close at once rather than leave callers queued in the backlog, where a
+                // connection could wait for as long as someone else holds the slots.
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(
+                            refused,
+                            "too many connections ({MAX_CONNECTIONS}); closing new ones"
+                        );
+                    }
+                    drop(io);
+                    continue;
+                };
                 let peer = PeerCred::from_stream(&io);
                 if let Err(e) = &peer {
                     tracing::warn!(error = %e, "connection without usable peer credentials; its calls will be refused");

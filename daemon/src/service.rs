@@ -152,9 +152,11 @@ impl Broker {
         {
             need_restart.push("daemon.socket, socket_mode, socket_group");
         }
-        if o.max_cached_tokens != n.max_cached_tokens {
-            need_restart.push("daemon.max_cached_tokens");
+        if o.log_format != n.log_format {
+            need_restart.push("daemon.log_format");
         }
+        self.cache
+            .reconfigure(n.max_cached_tokens, n.default_min_ttl);
         let limiter = if o.rate_limit == n.rate_limit {
             old.limiter.clone()
         } else {

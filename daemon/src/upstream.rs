@@ -74,6 +74,8 @@ pub enum UpstreamError {
     Server {
         /// The status code.
         status: u16,
+        /// `Retry-After`, if given (a 503 may carry one).
+        retry_after: Option<Duration>,
     },
     /// HTTP 429.
     #[error("the token endpoint is rate limiting the broker (HTTP 429)")]
@@ -230,7 +232,12 @@ impl Upstream {
                 200..=299 => {}
                 404 => continue,
                 429 => return Err(UpstreamError::RateLimited { retry_after: None }),
-                s @ 500..=599 => return Err(UpstreamError::Server { status: s }),
+                s @ 500..=599 => {
+                    return Err(UpstreamError::Server {
+                        status: s,
+                        retry_after: None,
+                    });
+                }
                 s => return Err(UpstreamError::Discovery(format!("{url} answered HTTP {s}"))),
             }
             let body = read_capped(response, timeout).await?;
@@ -242,18 +249,28 @@ impl Upstream {
             let doc: Metadata = serde_json::from_slice(&body).map_err(|_| {
                 UpstreamError::Discovery(format!("{url} is not a JSON metadata document"))
             })?;
+            // What the document says goes to the log only; callers get our own words.
             let found = doc.issuer.unwrap_or_default();
             if found.trim_end_matches('/') != id.trim_end_matches('/') {
+                tracing::warn!(
+                    metadata = %url,
+                    issuer = ?found.chars().take(200).collect::<String>(),
+                    configured = %id,
+                    "discovery: the metadata names another issuer"
+                );
                 return Err(UpstreamError::Discovery(format!(
-                    "{url} names issuer {:?}, not the configured {id:?}",
-                    found.chars().take(200).collect::<String>()
+                    "{url} names another issuer than the configured {id:?} (details in the daemon log)"
                 )));
             }
             let endpoint = doc
                 .token_endpoint
                 .ok_or_else(|| UpstreamError::Discovery(format!("{url} has no token_endpoint")))?;
-            return endpoint_url(&endpoint, allow_http)
-                .map_err(|e| UpstreamError::Discovery(format!("token_endpoint {e}")));
+            return endpoint_url(&endpoint, allow_http).map_err(|e| {
+                tracing::warn!(metadata = %url, "discovery: unusable token_endpoint: {e}");
+                UpstreamError::Discovery(format!(
+                    "the token_endpoint in {url} is not usable (not https?); details in the daemon log"
+                ))
+            });
         }
         Err(UpstreamError::Discovery(format!(
             "no metadata at {} or {} (HTTP 404)",
@@ -271,7 +288,10 @@ impl Upstream {
         scopes: &ScopeSet,
     ) -> Result<Issued, UpstreamError> {
         let token_url = self.token_endpoint(client).await?;
-        let body = form_body(client, scopes, &token_url)?;
+        // Everything secret this request carries, in every form a server might echo: scrubbed from its
+        // error text before any of it is logged.
+        let mut sensitive: Vec<Zeroizing<String>> = Vec::new();
+        let body = form_body(client, scopes, &token_url, &mut sensitive)?;
         let mut request = self
             .http
             .post(token_url)
@@ -279,10 +299,9 @@ impl Upstream {
             .header(ACCEPT, "application/json")
             .timeout(client.timeout);
         if let ClientAuth::Basic { secret, encoding } = &client.auth {
-            request = request.header(
-                AUTHORIZATION,
-                basic_header(&client.client_id, secret.expose(), *encoding),
-            );
+            let (header, encoded) = basic_header(&client.client_id, secret.expose(), *encoding);
+            sensitive.push(encoded);
+            request = request.header(AUTHORIZATION, header);
         }
         let request = request.body(body.as_bytes().to_vec());
 
@@ -310,13 +329,15 @@ impl Upstream {
         }
         match status.as_u16() {
             429 => Err(UpstreamError::RateLimited { retry_after }),
-            s @ 500..=599 => Err(UpstreamError::Server { status: s }),
+            s @ 500..=599 => Err(UpstreamError::Server {
+                status: s,
+                retry_after,
+            }),
             s @ 400..=499 => {
+                // Scrub first, then clean and cut: a cut or cleaned secret would no longer be found.
                 let (code, description) = parse_error(&body);
-                let description = match client.auth.secret() {
-                    Some(secret) => description.map(|d| scrub(&d, secret.expose())),
-                    None => description,
-                };
+                let code = code.and_then(|c| sanitize(&scrub(&c, &sensitive), 64));
+                let description = description.and_then(|d| sanitize(&scrub(&d, &sensitive), 256));
                 Err(UpstreamError::Rejected {
                     status: s,
                     code,
@@ -336,6 +357,7 @@ fn form_body(
     client: &ClientConfig,
     scopes: &ScopeSet,
     token_url: &Url,
+    sensitive: &mut Vec<Zeroizing<String>>,
 ) -> Result<Zeroizing<String>, UpstreamError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", "client_credentials");
@@ -344,10 +366,15 @@ fn form_body(
         form.append_pair(k, v);
     }
     match &client.auth {
-        ClientAuth::Basic { .. } => {}
+        ClientAuth::Basic { secret, .. } => {
+            sensitive.push(Zeroizing::new(secret.expose().to_owned()));
+            sensitive.push(form_encode(secret.expose()));
+        }
         ClientAuth::Post { secret } => {
             form.append_pair("client_id", &client.client_id);
             form.append_pair("client_secret", secret.expose());
+            sensitive.push(Zeroizing::new(secret.expose().to_owned()));
+            sensitive.push(form_encode(secret.expose()));
         }
         ClientAuth::PrivateKeyJwt {
             key,
@@ -373,12 +400,19 @@ fn form_body(
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             );
             form.append_pair("client_assertion", &assertion);
+            sensitive.push(form_encode(&assertion));
+            sensitive.push(assertion);
         }
     }
     Ok(Zeroizing::new(form.finish()))
 }
 
-fn basic_header(client_id: &str, secret: &str, encoding: BasicEncoding) -> HeaderValue {
+/// The Basic `Authorization` header, and its base64 credentials (to scrub from echoes).
+fn basic_header(
+    client_id: &str,
+    secret: &str,
+    encoding: BasicEncoding,
+) -> (HeaderValue, Zeroizing<String>) {
     let pair: Zeroizing<String> = Zeroizing::new(match encoding {
         BasicEncoding::Form => format!(
             "{}:{}",
@@ -387,13 +421,11 @@ fn basic_header(client_id: &str, secret: &str, encoding: BasicEncoding) -> Heade
         ),
         BasicEncoding::Raw => format!("{client_id}:{secret}"),
     });
-    let value = Zeroizing::new(format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(pair.as_bytes())
-    ));
+    let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(pair.as_bytes()));
+    let value = Zeroizing::new(format!("Basic {}", encoded.as_str()));
     let mut header = HeaderValue::from_str(&value).expect("base64 is a valid header value");
     header.set_sensitive(true);
-    header
+    (header, encoded)
 }
 
 /// `application/x-www-form-urlencoded` encoding of one value (RFC 6749 §2.3.1, Appendix B).
@@ -537,10 +569,7 @@ fn parse_error(body: &[u8]) -> (Option<String>, Option<String>) {
         error_description: Option<String>,
     }
     if let Ok(e) = serde_json::from_slice::<RawError>(body) {
-        return (
-            e.error.and_then(|c| sanitize(&c, 64)),
-            e.error_description.and_then(|d| sanitize(&d, 256)),
-        );
+        return (e.error, e.error_description);
     }
     let text = String::from_utf8_lossy(body);
     if text.contains("error=") && !text.contains('<') {
@@ -548,14 +577,14 @@ fn parse_error(body: &[u8]) -> (Option<String>, Option<String>) {
         let mut description = None;
         for (k, v) in form_urlencoded::parse(text.as_bytes()) {
             match k.as_ref() {
-                "error" => code = sanitize(&v, 64),
-                "error_description" => description = sanitize(&v, 256),
+                "error" => code = Some(v.into_owned()),
+                "error_description" => description = Some(v.into_owned()),
                 _ => {}
             }
         }
         return (code, description);
     }
-    (None, sanitize(&text, 200))
+    (None, (!text.is_empty()).then(|| text.into_owned()))
 }
 
 /// Keeps printable ASCII (collapsing whitespace), at most `max` characters; `None` when nothing is left.
@@ -571,12 +600,13 @@ fn sanitize(s: &str, max: usize) -> Option<String> {
     (!cleaned.is_empty()).then_some(cleaned)
 }
 
-/// Replaces every occurrence of `secret` (and of its form-encoded form) in `text`.
-fn scrub(text: &str, secret: &str) -> String {
-    let mut out = text.replace(secret, "[redacted]");
-    let encoded = form_encode(secret);
-    if encoded.as_str() != secret {
-        out = out.replace(encoded.as_str(), "[redacted]");
+/// Replaces every occurrence of each sensitive string in `text`.
+fn scrub(text: &str, sensitive: &[Zeroizing<String>]) -> String {
+    let mut out = text.to_owned();
+    for needle in sensitive.iter().filter(|n| !n.is_empty()) {
+        if out.contains(needle.as_str()) {
+            out = out.replace(needle.as_str(), "[redacted]");
+        }
     }
     out
 }
@@ -635,12 +665,25 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_scrubbed_from_descriptions() {
-        assert_eq!(
-            scrub("bad secret 'p@ss w'", "p@ss w"),
-            "bad secret '[redacted]'"
+    fn secrets_are_scrubbed_before_descriptions_are_cleaned_and_cut() {
+        let secret = "p@ss  wörd";
+        let sensitive = [Zeroizing::new(secret.to_owned()), form_encode(secret)];
+        let clean = |text: &str| sanitize(&scrub(text, &sensitive), 256).unwrap();
+        assert_eq!(clean("bad secret 'p@ss  wörd'"), "bad secret '[redacted]'");
+        assert_eq!(clean("got p%40ss++w%C3%B6rd"), "got [redacted]");
+        // Past the 256 characters kept, and with whitespace and non-ASCII the cleaning would mangle.
+        let long = format!("{} {secret}", "x".repeat(250));
+        let out = clean(&long);
+        assert!(!out.contains("p@ss") && !out.contains("w rd"), "{out}");
+        let (_, header) = basic_header("id", secret, BasicEncoding::Form);
+        let sensitive = [header];
+        assert!(
+            !scrub(
+                &format!("echo: Basic {}", sensitive[0].as_str()),
+                &sensitive
+            )
+            .contains(sensitive[0].as_str())
         );
-        assert_eq!(scrub("got p%40ss+w", "p@ss w"), "got [redacted]");
     }
 
     #[test]

@@ -679,10 +679,15 @@ async fn denials_are_audited_every_time_and_a_grant_once_per_connection() {
     for _ in 0..3 {
         c.token(["openid"]).await.unwrap_err();
     }
+    // A caller cannot forge audit lines: what it sends is logged escaped, on the denial's own line.
+    let forged = "x\nFORGED credbroker::audit: token granted event=\"grant\" uid=0";
+    c.get_token(TokenRequest::new([forged]).client("idp"))
+        .await
+        .unwrap_err();
     let log = d.log();
     let grants: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("token granted"))
+        .filter(|l| l.contains("event=\"grant\""))
         .collect();
     assert_eq!(grants.len(), 1, "{log}");
     let g = grants[0];
@@ -707,7 +712,9 @@ async fn denials_are_audited_every_time_and_a_grant_once_per_connection() {
         .to_owned();
     assert_eq!(fp.len(), 12);
     let denials = log.lines().filter(|l| l.contains("token denied")).count();
-    assert_eq!(denials, 3, "{log}");
+    assert_eq!(denials, 4, "{log}");
+    assert!(!log.lines().any(|l| l.starts_with("FORGED")), "{log}");
+    assert!(log.contains("x\\nFORGED"), "{log}");
     assert!(
         log.lines()
             .any(|l| l.contains("token denied") && l.contains("reason=scope \"openid\"")),

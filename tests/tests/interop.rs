@@ -196,7 +196,8 @@ async fn discovery_finds_the_token_endpoint_and_checks_the_issuer() {
     let err = token(&mut c, "mismatch", &["scim:read"]).await.unwrap_err();
     assert!(err.needs_operator(), "{err}");
     assert!(
-        err.to_string().contains("names issuer") && err.to_string().contains("not the configured"),
+        err.to_string()
+            .contains("names another issuer than the configured"),
         "{err}"
     );
 }
