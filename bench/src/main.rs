@@ -1,7 +1,8 @@
 //! `credbroker-bench`: measures the broker against the floor of its own stack and prints one table.
 //!
-//! - **Floor**: a bare tonic server on a Unix socket answering a constant `GetTokenResponse`, run as its own
-//!   process (`credbroker-bench floor SOCKET`), so it pays for the same process boundary as the daemon.
+//! - **Floor**: a bare tonic server on a Unix socket answering a constant `GetTokenResponse`, with the daemon's
+//!   server settings, run as its own process (`credbroker-bench floor SOCKET`), so it pays for the same
+//!   process boundary as the daemon.
 //! - **Broker**: the release `credbrokerd` against the in-repo stand-in token endpoint.
 //! - The cached path is reported as ratios to the floor, from interleaved rounds (floor, broker, floor, …),
 //!   because absolute figures drift on a shared machine.
@@ -68,7 +69,8 @@ async fn floor(socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = tokio::net::UnixListener::bind(socket)?;
     println!("ready");
-    tonic::transport::Server::builder()
+    // The daemon's own server settings, so the ratio measures what credbroker adds, not a configuration.
+    credbroker_daemon::server::builder()
         .add_service(TokenBrokerServer::new(Constant(response)))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await?;

@@ -192,6 +192,16 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Result<PeerStream,
     }
 }
 
+/// The gRPC server settings the daemon serves with: at most [`MAX_STREAMS_PER_CONNECTION`] concurrent calls
+/// per connection, HTTP/2 keep-alives, a 120 s bound on any call. (The benchmark's floor server uses the same.)
+pub fn builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .timeout(Duration::from_secs(120))
+}
+
 /// Serves `broker`, gRPC health (`grpc.health.v1.Health`, reported through `health`) and server reflection
 /// on `listener` until `shutdown` completes, then stops accepting and lets in-flight calls finish.
 ///
@@ -214,11 +224,7 @@ pub async fn serve(
     let service = TokenBrokerServer::from_arc(broker)
         .max_decoding_message_size(MAX_MESSAGE_LEN)
         .max_encoding_message_size(MAX_MESSAGE_LEN);
-    let result = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_keepalive_interval(Some(Duration::from_secs(60)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .timeout(Duration::from_secs(120))
+    let result = builder()
         .add_service(service)
         .add_service(health)
         .add_service(reflection)
