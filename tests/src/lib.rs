@@ -276,6 +276,19 @@ fn socket_of(config: &str) -> PathBuf {
         .expect("the test config sets daemon.socket")
 }
 
+/// The access token a `token(scopes)` call returns.
+///
+/// # Panics
+/// If the call fails.
+pub async fn token_text(client: &mut credbroker_client::Client, scopes: &[&str]) -> String {
+    use credbroker_client::secrecy::ExposeSecret;
+    let token = client
+        .token(scopes.iter().copied())
+        .await
+        .expect("get a token");
+    token.access_token().expose_secret().to_owned()
+}
+
 /// A command's standard output, trailing whitespace removed.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
