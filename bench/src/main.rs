@@ -448,7 +448,6 @@ fn steady_workload() -> anyhow::Result<usize> {
                     lifetime: Duration::from_secs(300),
                     received_at: tokio::time::Instant::now(),
                     granted,
-                    assumed_lifetime: false,
                 })
             })
         }

@@ -710,7 +710,6 @@ mod tests {
                     lifetime,
                     received_at: Instant::now(),
                     granted: scopes,
-                    assumed_lifetime: false,
                 })
             })
         }

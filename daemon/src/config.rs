@@ -495,6 +495,26 @@ impl<'t> Walk<'t> {
         Some(v)
     }
 
+    /// A key that must be present: reports `message` at its path when it is not.
+    fn required(&mut self, errs: &mut Errors, key: &'t str, message: &str) -> Option<&'t Value> {
+        let v = self.get(key);
+        if v.is_none() {
+            errs.push(self.key(key), message);
+        }
+        v
+    }
+
+    /// An optional key holding one value or a list of them, each read by `item`.
+    fn list<T>(
+        &mut self,
+        errs: &mut Errors,
+        key: &'t str,
+        item: impl Fn(&mut Errors, &str, &Value) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let v = self.get(key)?;
+        one_or_list(errs, &self.key(key), v, item)
+    }
+
     fn finish(self, errs: &mut Errors) {
         for k in self.table.keys() {
             if !self.used.contains(k.as_str()) {
@@ -669,10 +689,8 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
             }
         }
     }
-    if let Some(v) = t.get("admins") {
-        if let Some(list) = one_or_list(errs, &t.key("admins"), v, string) {
-            d.admins = list;
-        }
+    if let Some(list) = t.list(errs, "admins", string) {
+        d.admins = list;
     }
     if let Some(v) = t.get("default_min_ttl") {
         if let Some(ttl) = duration(errs, &t.key("default_min_ttl"), v) {
@@ -761,13 +779,9 @@ fn client_config(
             "missing; the IdP's token endpoint (\"https://idp.example/oauth2/token\"), or set issuer for discovery",
         );
     }
-    let client_id = match t.get("client_id") {
-        None => {
-            errs.push(t.key("client_id"), "missing");
-            None
-        }
-        Some(v) => string(errs, &t.key("client_id"), v),
-    };
+    let client_id = t
+        .required(errs, "client_id", "missing")
+        .and_then(|v| string(errs, &t.key("client_id"), v));
     let method = match t.get("auth_method") {
         None => Some("client_secret_basic"),
         Some(Value::String(s))
@@ -813,16 +827,13 @@ fn client_config(
         None => None,
         Some("private_key_jwt") => private_key_auth(errs, &mut t, issuer.is_some(), env),
         Some(m) => {
-            let secret = match t.get("client_secret") {
-                None => {
-                    errs.push(
-                        t.key("client_secret"),
-                        "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }",
-                    );
-                    None
-                }
-                Some(v) => secret(errs, &t.key("client_secret"), v, env),
-            };
+            let secret = t
+                .required(
+                    errs,
+                    "client_secret",
+                    "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }",
+                )
+                .and_then(|v| secret(errs, &t.key("client_secret"), v, env));
             let encoding = match t.get("basic_encoding") {
                 None => BasicEncoding::Form,
                 Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
@@ -897,20 +908,19 @@ fn private_key_auth(
     has_issuer: bool,
     env: &SecretEnv<'_>,
 ) -> Option<ClientAuth> {
-    let key = match t.get("private_key") {
-        None => {
-            errs.push(
-                t.key("private_key"),
-                "missing; private_key_jwt needs private_key = { file = \"/etc/credbroker/NAME.pem\" }",
-            );
-            None
-        }
-        Some(v) => secret(errs, &t.key("private_key"), v, env).and_then(|pem| {
-            PrivateKey::new(pem)
-                .map_err(|e| errs.push(t.key("private_key"), e.to_string()))
-                .ok()
-        }),
-    };
+    let key = t
+        .required(
+            errs,
+            "private_key",
+            "missing; private_key_jwt needs private_key = { file = \"/etc/credbroker/NAME.pem\" }",
+        )
+        .and_then(|v| {
+            secret(errs, &t.key("private_key"), v, env).and_then(|pem| {
+                PrivateKey::new(pem)
+                    .map_err(|e| errs.push(t.key("private_key"), e.to_string()))
+                    .ok()
+            })
+        });
     let key_id = t
         .get("key_id")
         .and_then(|v| string(errs, &t.key("key_id"), v));
@@ -1046,38 +1056,29 @@ fn policy(
 ) -> Option<Policy> {
     let before = errs.0.len();
     let mut t = Walk::new(prefix, table);
-    let name = match t.get("name") {
-        None => {
-            errs.push(
-                t.key("name"),
-                "missing; every policy needs a name for the audit log",
-            );
-            None
-        }
-        Some(v) => string(errs, &t.key("name"), v),
-    };
-    let matcher = match t.get("match") {
-        None => {
-            errs.push(
-                t.key("match"),
-                "missing; say which callers this policy is for (or { any = true })",
-            );
-            None
-        }
-        Some(v) => {
+    let name = t
+        .required(
+            errs,
+            "name",
+            "missing; every policy needs a name for the audit log",
+        )
+        .and_then(|v| string(errs, &t.key("name"), v));
+    let matcher = t
+        .required(
+            errs,
+            "match",
+            "missing; say which callers this policy is for (or { any = true })",
+        )
+        .and_then(|v| {
             as_table(errs, &t.key("match"), v).and_then(|m| matcher(errs, &t.key("match"), m))
-        }
-    };
-    let client_list = match t.get("client") {
-        None => {
-            errs.push(
-                t.key("client"),
-                "missing; name the client (or clients) this policy grants",
-            );
-            None
-        }
-        Some(v) => one_or_list(errs, &t.key("client"), v, string),
-    };
+        });
+    let client_list = t
+        .required(
+            errs,
+            "client",
+            "missing; name the client (or clients) this policy grants",
+        )
+        .and_then(|v| one_or_list(errs, &t.key("client"), v, string));
     if let Some(list) = &client_list {
         for (i, c) in list.iter().enumerate() {
             if !clients.contains(c.as_str()) {
@@ -1090,28 +1091,27 @@ fn policy(
             }
         }
     }
-    let scopes = match t.get("scopes") {
-        None => {
-            errs.push(
-                t.key("scopes"),
-                "missing; list the scopes this policy allows",
-            );
-            None
-        }
-        Some(v) => one_or_list(errs, &t.key("scopes"), v, |errs, key, v| {
-            let s = string(errs, key, v)?;
-            let p = ScopePattern::parse(&s);
-            if p.is_none() {
-                errs.push(
-                    key,
-                    format!(
-                        "{s:?} is not a scope (RFC 6749 scope-token), optionally ending in '*'"
-                    ),
-                );
-            }
-            p
-        }),
-    };
+    let scopes = t
+        .required(
+            errs,
+            "scopes",
+            "missing; list the scopes this policy allows",
+        )
+        .and_then(|v| {
+            one_or_list(errs, &t.key("scopes"), v, |errs, key, v| {
+                let s = string(errs, key, v)?;
+                let p = ScopePattern::parse(&s);
+                if p.is_none() {
+                    errs.push(
+                        key,
+                        format!(
+                            "{s:?} is not a scope (RFC 6749 scope-token), optionally ending in '*'"
+                        ),
+                    );
+                }
+                p
+            })
+        });
     t.finish(errs);
     if errs.0.len() != before {
         return None;
@@ -1144,31 +1144,19 @@ fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Match
         ),
         Some(_) => errs.push(t.key("any"), "only `any = true` is meaningful"),
     }
-    m.uid = t
-        .get("uid")
-        .and_then(|v| one_or_list(errs, &t.key("uid"), v, id));
-    m.gid = t
-        .get("gid")
-        .and_then(|v| one_or_list(errs, &t.key("gid"), v, id));
-    m.user = t
-        .get("user")
-        .and_then(|v| one_or_list(errs, &t.key("user"), v, string));
-    m.group = t
-        .get("group")
-        .and_then(|v| one_or_list(errs, &t.key("group"), v, string));
-    m.unit = t
-        .get("unit")
-        .and_then(|v| one_or_list(errs, &t.key("unit"), v, string));
-    m.exe = t.get("exe").and_then(|v| {
-        one_or_list(errs, &t.key("exe"), v, |errs, key, v| {
-            let s = string(errs, key, v)?;
-            if s.starts_with('/') {
-                Some(PathBuf::from(s))
-            } else {
-                errs.push(key, format!("{s:?} is not an absolute path"));
-                None
-            }
-        })
+    m.uid = t.list(errs, "uid", id);
+    m.gid = t.list(errs, "gid", id);
+    m.user = t.list(errs, "user", string);
+    m.group = t.list(errs, "group", string);
+    m.unit = t.list(errs, "unit", string);
+    m.exe = t.list(errs, "exe", |errs, key, v| {
+        let s = string(errs, key, v)?;
+        if s.starts_with('/') {
+            Some(PathBuf::from(s))
+        } else {
+            errs.push(key, format!("{s:?} is not an absolute path"));
+            None
+        }
     });
     t.finish(errs);
     (errs.0.len() == before).then_some(m)

@@ -11,7 +11,7 @@ use crate::peer::{Caller, PeerCred, PeerError};
 
 /// Per-connection state, shared by every call on the connection.
 pub struct Connection {
-    peer: Result<PeerCred, String>,
+    peer: Result<Arc<PeerCred>, String>,
     caller: OnceCell<Arc<Caller>>,
     /// Grants made on this connection, for the audit log.
     pub grants: GrantLog,
@@ -21,7 +21,7 @@ impl Connection {
     /// State for a connection whose peer credentials were (or could not be) read.
     pub fn new(peer: Result<PeerCred, PeerError>) -> Self {
         Self {
-            peer: peer.map_err(|e| e.to_string()),
+            peer: peer.map(Arc::new).map_err(|e| e.to_string()),
             caller: OnceCell::new(),
             grants: GrantLog::default(),
         }
@@ -34,7 +34,7 @@ impl Connection {
     ///
     /// # Errors
     /// [`PeerError`] when the peer's credentials were unreadable, it is not visible, or it has exited.
-    pub async fn caller(self: &Arc<Self>, proc_root: &Arc<Path>) -> Result<Arc<Caller>, PeerError> {
+    pub async fn caller(&self, proc_root: &Arc<Path>) -> Result<Arc<Caller>, PeerError> {
         let peer = self
             .peer
             .as_ref()
@@ -42,14 +42,11 @@ impl Connection {
         let caller = self
             .caller
             .get_or_try_init(|| {
-                let (this, proc_root) = (self.clone(), proc_root.clone());
+                let (peer, proc_root) = (peer.clone(), proc_root.clone());
                 async move {
-                    tokio::task::spawn_blocking(move || match &this.peer {
-                        Ok(peer) => peer.identify(&proc_root).map(Arc::new),
-                        Err(e) => Err(PeerError::Credentials(std::io::Error::other(e.clone()))),
-                    })
-                    .await
-                    .map_err(|e| PeerError::Credentials(std::io::Error::other(e)))?
+                    tokio::task::spawn_blocking(move || peer.identify(&proc_root).map(Arc::new))
+                        .await
+                        .map_err(|e| PeerError::Credentials(std::io::Error::other(e)))?
                 }
             })
             .await?;

@@ -90,11 +90,7 @@ pub async fn run(
              see the README (systemd drop-in credbroker-exe-matching.conf)"
         );
     }
-    let summary = format!(
-        "serving {} clients, {} policies",
-        config.clients.len(),
-        config.policies.policies().len()
-    );
+    let summary = summary(&config);
     let broker = Arc::new(service::Broker::new(
         Arc::new(config),
         upstream,
@@ -165,15 +161,20 @@ fn notify(notifier: &Notifier, state: &str) {
     }
 }
 
+/// The `STATUS=` line for a config.
+fn summary(config: &Config) -> String {
+    format!(
+        "serving {} clients, {} policies",
+        config.clients.len(),
+        config.policies.policies().len()
+    )
+}
+
 fn reload(broker: &service::Broker, options: &Options) {
     notify(&options.notifier, "RELOADING=1\nSTATUS=reloading");
     match (options.reload_config)() {
         Ok(config) => {
-            let summary = format!(
-                "serving {} clients, {} policies",
-                config.clients.len(),
-                config.policies.policies().len()
-            );
+            let summary = summary(&config);
             let r = broker.reload(config);
             tracing::info!(
                 clients_changed = %r.clients_changed.join(","),

@@ -34,11 +34,6 @@ impl Notifier {
         UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
         Ok(())
     }
-
-    /// Whether notifications go anywhere.
-    pub fn is_enabled(&self) -> bool {
-        self.socket.is_some()
-    }
 }
 
 /// The watchdog interval systemd expects (`WatchdogSec=`), from `WATCHDOG_USEC` and `WATCHDOG_PID` (values

@@ -130,7 +130,6 @@ mod tests {
             lifetime: Duration::from_secs(60),
             received_at: Instant::now(),
             granted: ScopeSet::parse(&["a"]).unwrap(),
-            assumed_lifetime: false,
         }
     }
 
@@ -175,75 +174,62 @@ mod tests {
         assert!(xs.iter().any(|x| *x != xs[0]));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn transient_failures_are_retried_then_succeed() {
+    /// Runs `with_retries` against attempts that fail with `failures`, in order, then succeed; returns the
+    /// result, the number of attempts and the (paused) time it took.
+    async fn scripted(
+        failures: Vec<UpstreamError>,
+    ) -> (Result<Issued, UpstreamError>, usize, Duration) {
+        let failures = std::cell::RefCell::new(std::collections::VecDeque::from(failures));
         let calls = Cell::new(0);
         let start = Instant::now();
         let r = with_retries(&RetryPolicy::default(), "c", &scopes(), || {
             calls.set(calls.get() + 1);
-            let n = calls.get();
-            async move {
-                if n < 3 {
-                    Err(UpstreamError::Server {
-                        status: 502,
-                        retry_after: None,
-                    })
-                } else {
-                    Ok(issued())
-                }
-            }
+            let next = failures.borrow_mut().pop_front();
+            async move { next.map_or_else(|| Ok(issued()), Err) }
         })
         .await;
+        (r, calls.get(), start.elapsed())
+    }
+
+    fn server(status: u16) -> UpstreamError {
+        UpstreamError::Server {
+            status,
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_then_succeed() {
+        let (r, calls, took) = scripted(vec![server(502), server(503)]).await;
         assert!(r.is_ok());
-        assert_eq!(calls.get(), 3);
-        assert!(
-            start.elapsed() <= Duration::from_millis(600),
-            "{:?}",
-            start.elapsed()
-        );
+        assert_eq!(calls, 3);
+        // Two backoffs of at most 200 ms and 400 ms.
+        assert!(took <= Duration::from_millis(600), "{took:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn retry_after_is_honoured() {
-        let calls = Cell::new(0);
-        let start = Instant::now();
-        let r = with_retries(&RetryPolicy::default(), "c", &scopes(), || {
-            calls.set(calls.get() + 1);
-            let n = calls.get();
-            async move {
-                if n == 1 {
-                    Err(UpstreamError::RateLimited {
-                        retry_after: Some(Duration::from_secs(7)),
-                    })
-                } else {
-                    Ok(issued())
-                }
-            }
-        })
+        let (r, calls, took) = scripted(vec![UpstreamError::RateLimited {
+            retry_after: Some(Duration::from_secs(7)),
+        }])
         .await;
         assert!(r.is_ok());
-        assert_eq!(start.elapsed(), Duration::from_secs(7));
+        assert_eq!((calls, took), (2, Duration::from_secs(7)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn client_errors_are_not_retried() {
-        let calls = Cell::new(0);
-        let r = with_retries(&RetryPolicy::default(), "c", &scopes(), || {
-            calls.set(calls.get() + 1);
-            async {
-                Err(UpstreamError::Rejected {
-                    status: 401,
-                    code: Some("invalid_client".into()),
-                    description: None,
-                })
-            }
-        })
-        .await;
+        let rejected = UpstreamError::Rejected {
+            status: 401,
+            code: Some("invalid_client".into()),
+            description: None,
+        };
+        let (r, calls, _) = scripted(vec![rejected]).await;
         assert!(matches!(
             r,
             Err(UpstreamError::Rejected { status: 401, .. })
         ));
-        assert_eq!(calls.get(), 1);
+        assert_eq!(calls, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -261,13 +247,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn attempts_are_bounded() {
-        let calls = Cell::new(0);
-        let r = with_retries(&RetryPolicy::default(), "c", &scopes(), || {
-            calls.set(calls.get() + 1);
-            async { Err(UpstreamError::Network("connection refused".into())) }
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls.get(), 4);
+        let refused = || UpstreamError::Network("connection refused".into());
+        let (r, calls, _) = scripted((0..10).map(|_| refused()).collect()).await;
+        assert!(matches!(r, Err(UpstreamError::Network(_))));
+        assert_eq!(calls, 4);
     }
 }

@@ -45,8 +45,6 @@ pub struct Issued {
     pub received_at: Instant,
     /// The scopes granted: the response's `scope`, else the requested set.
     pub granted: ScopeSet,
-    /// Whether `expires_in` was absent and `lifetime` is the configured default.
-    pub assumed_lifetime: bool,
 }
 
 impl std::fmt::Debug for Issued {
@@ -517,9 +515,16 @@ fn parse_token(
         }
         None => return Err(UpstreamError::InvalidResponse("no token_type".to_owned())),
     };
-    let (lifetime, assumed_lifetime) = match raw.expires_in {
-        None | Some(serde_json::Value::Null) => (client.default_ttl, true),
-        Some(v) => (parse_expires_in(&v)?, false),
+    let lifetime = match raw.expires_in {
+        None | Some(serde_json::Value::Null) => {
+            tracing::debug!(
+                client = %client.name,
+                default_ttl_s = client.default_ttl.as_secs(),
+                "no expires_in in the token response; assuming the client's default_ttl"
+            );
+            client.default_ttl
+        }
+        Some(v) => parse_expires_in(&v)?,
     };
     let granted = match raw.scope.as_deref().map(str::trim) {
         None | Some("") => requested.clone(),
@@ -537,7 +542,6 @@ fn parse_token(
         lifetime,
         received_at,
         granted,
-        assumed_lifetime,
     })
 }
 
