@@ -220,6 +220,7 @@ rate_limit = {{ per_minute = 1000000, burst = 100000 }}
 [clients.idp]
 token_url = "{url}"
 client_id = "broker"
+allow_http = true
 client_secret = {{ file = "{dir}/idp.secret" }}
 
 [[policy]]

@@ -1,9 +1,14 @@
 //! The audit trail: one structured event per GetToken decision, under the `credbroker::audit` target so it
 //! can be routed apart from operational logs.
 //!
-//! Denials and failures are logged every time. A grant is logged the first time a connection receives a
-//! given token; repeats are counted per connection and summed up in one event when the connection closes,
-//! so a caller asking thousands of times a second neither floods the journal nor slows the hot path.
+//! Denials and failures are logged every time up to a per-uid rate ([`DENIALS_PER_MINUTE`], in bursts of
+//! [`DENIAL_BURST`]); beyond it they are counted, and a `deny-suppressed` event says how many were not logged.
+//! A grant is logged the first time a connection receives a given token; repeats are counted per connection
+//! and summed up in one event when the connection closes, so a caller asking thousands of times a second
+//! neither floods the journal nor slows the hot path.
+//!
+//! Every event is bounded (about 1 KiB): what a caller sent, and its executable and unit, appear as an
+//! escaped prefix with counts ([`crate::text`]).
 //!
 //! # Security
 //! Events name tokens by [`Fingerprint`] only.
@@ -11,47 +16,116 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use tokio::time::Instant;
+
 use crate::cache::{Fingerprint, Source};
 use crate::peer::Caller;
+use crate::ratelimit::{Rate, RateLimiter};
 use crate::scope::ScopeSet;
+use crate::text::{ClipList, clip, cut};
+
+/// Denials logged per uid and minute, beyond the burst.
+pub const DENIALS_PER_MINUTE: u32 = 120;
+/// Denials logged at once per uid before the rate applies.
+pub const DENIAL_BURST: u32 = 20;
+/// Longest `reason` logged.
+const MAX_REASON: usize = 600;
+/// The uid under which denials of callers without a known identity are counted.
+const UNKNOWN_UID: u32 = u32::MAX;
 
 /// The tracing target of audit events.
 pub const TARGET: &str = "credbroker::audit";
 
 fn exe(caller: &Caller) -> String {
-    caller
+    let exe = caller
         .exe
         .as_ref()
-        .map(|e| e.display().to_string())
-        .unwrap_or_default()
+        .map(|e| e.to_string_lossy())
+        .unwrap_or_default();
+    clip(&exe).to_string()
 }
 
-/// A refused request. `requested` is what the caller sent (it may not be a valid scope set), so it is logged
-/// quoted and escaped: a caller cannot forge log lines with newlines. Executables and units are quoted too.
-pub fn denied(
-    caller: Option<&Caller>,
-    client: &str,
-    requested: &[String],
-    reason: &dyn std::fmt::Display,
-) {
-    let requested = requested.join(" ");
-    match caller {
-        Some(c) => tracing::warn!(
-            target: TARGET,
-            event = "deny",
-            uid = c.uid,
-            user = c.user.as_deref().unwrap_or(""),
-            pid = c.pid,
-            exe = exe(c).as_str(),
-            unit = c.unit.as_deref().unwrap_or(""),
-            client,
-            requested = requested.as_str(),
-            reason = %reason,
-            "token denied"
-        ),
-        None => {
-            tracing::warn!(target: TARGET, event = "deny", client, requested = requested.as_str(), reason = %reason, "token denied")
+fn unit(caller: &Caller) -> String {
+    clip(caller.unit.as_deref().unwrap_or("")).to_string()
+}
+
+/// Logs denials up to a per-uid rate and counts the rest.
+pub struct Denials {
+    rate: RateLimiter,
+    suppressed: Mutex<HashMap<u32, u64>>,
+}
+
+impl Default for Denials {
+    fn default() -> Self {
+        Self {
+            rate: RateLimiter::new(Rate {
+                per_minute: DENIALS_PER_MINUTE,
+                burst: DENIAL_BURST,
+            }),
+            suppressed: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl Denials {
+    /// A refused request, logged unless its uid is over its rate. `requested` is what the caller sent (it
+    /// may not be a valid scope set), so it is logged escaped and clipped: a caller cannot forge log lines
+    /// or make long ones. Executables and units are escaped and clipped too.
+    pub fn denied(
+        &self,
+        caller: Option<&Caller>,
+        client: &str,
+        requested: &[String],
+        reason: &dyn std::fmt::Display,
+    ) {
+        let uid = caller.map_or(UNKNOWN_UID, |c| c.uid);
+        if self.rate.try_acquire(uid, Instant::now()).is_err() {
+            *self.lock().entry(uid).or_insert(0) += 1;
+            return;
+        }
+        if let Some(n) = self.lock().remove(&uid) {
+            suppressed(uid, n);
+        }
+        let (client, requested) = (clip(client).to_string(), ClipList(requested).to_string());
+        let reason = cut(&reason.to_string(), MAX_REASON);
+        match caller {
+            Some(c) => tracing::warn!(
+                target: TARGET,
+                event = "deny",
+                uid = c.uid,
+                user = c.user.as_deref().unwrap_or(""),
+                pid = c.pid,
+                exe = exe(c).as_str(),
+                unit = unit(c).as_str(),
+                client = client.as_str(),
+                requested = requested.as_str(),
+                reason = %reason,
+                "token denied"
+            ),
+            None => {
+                tracing::warn!(target: TARGET, event = "deny", client = client.as_str(), requested = requested.as_str(), reason = %reason, "token denied")
+            }
+        }
+    }
+
+    /// Logs, for every uid, how many denials were not logged since its last logged one.
+    pub fn flush(&self) {
+        let counts = std::mem::take(&mut *self.lock());
+        for (uid, n) in counts {
+            suppressed(uid, n);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, u64>> {
+        self.suppressed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn suppressed(uid: u32, count: u64) {
+    if uid == UNKNOWN_UID {
+        tracing::warn!(target: TARGET, event = "deny-suppressed", count, "denials of unidentified callers not logged (over the rate)");
+    } else {
+        tracing::warn!(target: TARGET, event = "deny-suppressed", uid, count, "denials of this uid not logged (over the rate)");
     }
 }
 
@@ -64,10 +138,10 @@ pub fn failed(caller: &Caller, client: &str, requested: &ScopeSet, reason: &dyn 
         user = caller.user.as_deref().unwrap_or(""),
         pid = caller.pid,
         exe = exe(caller).as_str(),
-        unit = caller.unit.as_deref().unwrap_or(""),
+        unit = unit(caller).as_str(),
         client,
         requested = %requested,
-        reason = %reason,
+        reason = %cut(&reason.to_string(), MAX_REASON),
         "token not issued"
     );
 }
@@ -98,7 +172,7 @@ fn granted(g: &Grant<'_>) {
         user = g.caller.user.as_deref().unwrap_or(""),
         pid = g.caller.pid,
         exe = exe(g.caller).as_str(),
-        unit = g.caller.unit.as_deref().unwrap_or(""),
+        unit = unit(g.caller).as_str(),
         client = g.client,
         requested = %g.requested,
         granted = %g.granted,

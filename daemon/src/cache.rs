@@ -12,9 +12,12 @@
 //!   its entry is removed when it expires.
 //! - **Failures**: a non-transient IdP error (4xx) is remembered for [`CacheConfig::error_ttl`], so a
 //!   misconfigured client cannot hammer the IdP. A failed refresh keeps the valid cached token and retries.
-//! - **Bounded**: at most [`CacheConfig::max_entries`] keys; when full, the entry expiring soonest goes.
+//! - **Bounded**: at most [`CacheConfig::max_entries`] keys and [`CacheConfig::max_bytes`] bytes (estimated
+//!   per entry, remembered refusals included); when over, idle entries go, those without a token first, then
+//!   the soonest to expire, found in O(log n) through an ordered index. A request stopped by the rate limit
+//!   leaves no entry behind.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
@@ -185,6 +188,8 @@ impl Source {
 pub struct CacheConfig {
     /// Most keys held.
     pub max_entries: usize,
+    /// Most bytes held, as estimated per entry (keys, tokens, remembered refusals).
+    pub max_bytes: usize,
     /// Earliest refresh point, as a fraction of the lifetime.
     pub refresh_from: f64,
     /// Latest refresh point, as a fraction of the lifetime.
@@ -199,6 +204,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             max_entries: 10_000,
+            max_bytes: 64 << 20,
             refresh_from: 0.65,
             refresh_by: 0.75,
             error_ttl: Duration::from_secs(10),
@@ -268,6 +274,38 @@ struct Slot {
     /// Milliseconds since the cache's epoch at the last request for this key.
     last_used: AtomicU64,
     refresher: Mutex<Option<JoinHandle<()>>>,
+    /// Its place in the eviction order, and the bytes it is counted for.
+    place: Mutex<Place>,
+}
+
+/// Where a slot stands in [`Inner::order`], and what it weighs.
+#[derive(Clone, Copy)]
+struct Place {
+    order: Order,
+    bytes: usize,
+}
+
+/// Eviction order: entries without a token first, then by expiry; the sequence number keeps keys unique.
+type Order = (Option<Instant>, u64);
+
+/// Bytes an entry takes beyond its strings: the map entry, the slot, its locks and the token's struct.
+const ENTRY_OVERHEAD: usize = 640;
+
+fn scope_bytes(scopes: &ScopeSet) -> usize {
+    scopes.iter().map(|s| s.len() + 24).sum::<usize>() + 16
+}
+
+impl Slot {
+    /// The bytes this entry takes, as estimated: its key (held twice: in the map and in the slot), its token
+    /// and a remembered IdP refusal.
+    fn weight(&self) -> usize {
+        let key = self.key.client.len() + scope_bytes(&self.key.scopes);
+        let token = self.token().map_or(0, |t| {
+            t.access_token.expose_secret().len() + t.token_type.len() + scope_bytes(&t.granted)
+        });
+        let failure = self.state().failure.as_ref().map_or(0, |(_, e)| e.weight());
+        ENTRY_OVERHEAD + 2 * key + token + failure
+    }
 }
 
 impl Drop for Slot {
@@ -305,6 +343,12 @@ struct Inner {
     shards: Vec<RwLock<HashMap<CacheKey, Arc<Slot>>>>,
     /// Entries across all shards.
     entries: std::sync::atomic::AtomicUsize,
+    /// Their estimated bytes.
+    bytes: std::sync::atomic::AtomicUsize,
+    /// Every entry in eviction order. Never locked while a shard lock is held, nor the other way round.
+    order: Mutex<BTreeMap<Order, CacheKey>>,
+    /// Next sequence number for [`Order`].
+    seq: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
     fetcher: Arc<dyn Fetcher>,
     /// Read on inserts and fetches only; a reload may change it.
@@ -324,6 +368,9 @@ impl TokenCache {
             inner: Arc::new(Inner {
                 shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
                 entries: std::sync::atomic::AtomicUsize::new(0),
+                bytes: std::sync::atomic::AtomicUsize::new(0),
+                order: Mutex::new(BTreeMap::new()),
+                seq: AtomicU64::new(0),
                 hasher: std::collections::hash_map::RandomState::new(),
                 fetcher,
                 config: Mutex::new(config),
@@ -346,24 +393,35 @@ impl TokenCache {
         self.len() == 0
     }
 
-    /// Drops every entry whose client `keep` rejects (their refreshers stop); returns how many went.
-    pub fn retain_clients(&self, keep: impl Fn(&str) -> bool) -> usize {
-        let mut dropped = 0;
-        for shard in &self.inner.shards {
-            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
-            let before = map.len();
-            map.retain(|k, _| keep(&k.client));
-            dropped += before - map.len();
-        }
-        self.inner.entries.fetch_sub(dropped, Ordering::Relaxed);
-        dropped
+    /// The bytes the cache's entries take, as estimated per entry.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
     }
 
-    /// Applies new limits: the bound on entries (enforced from the next insert) and the default min TTL that
-    /// sets refresh points (from the next token stored).
-    pub fn reconfigure(&self, max_entries: usize, default_min_ttl: Duration) {
+    /// Drops every entry whose client `keep` rejects (their refreshers stop); returns how many went.
+    pub fn retain_clients(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut dropped = Vec::new();
+        for shard in &self.inner.shards {
+            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+            map.retain(|k, s| {
+                keep(&k.client) || {
+                    dropped.push(s.clone());
+                    false
+                }
+            });
+        }
+        for slot in &dropped {
+            self.inner.unlink(slot);
+        }
+        dropped.len()
+    }
+
+    /// Applies new limits: the bounds on entries and bytes (enforced from the next insert) and the default
+    /// min TTL that sets refresh points (from the next token stored).
+    pub fn reconfigure(&self, max_entries: usize, max_bytes: usize, default_min_ttl: Duration) {
         let mut config = self.inner.config.lock().unwrap_or_else(|e| e.into_inner());
         config.max_entries = max_entries;
+        config.max_bytes = max_bytes;
         config.default_min_ttl = default_min_ttl;
     }
 
@@ -380,7 +438,16 @@ impl TokenCache {
     ) -> Result<(Arc<CachedToken>, Source), CacheError> {
         let inner = &self.inner;
         let now = Instant::now();
-        let slot = inner.slot(key, now);
+        // A request the rate limit stops leaves nothing behind: a new entry is made only once admitted.
+        let mut admit = Some(admit);
+        let slot = match inner.existing(key) {
+            Some(slot) => slot,
+            None => {
+                (admit.take().expect("not taken yet"))()
+                    .map_err(|retry_in| CacheError::RateLimited { retry_in })?;
+                inner.insert(key, now)
+            }
+        };
         slot.last_used.store(inner.millis(now), Ordering::Relaxed);
         if let Some(t) = slot.usable(min_ttl, now) {
             return Ok((t, Source::Cache));
@@ -405,7 +472,9 @@ impl TokenCache {
             match &st.inflight {
                 Some(rx) => rx.clone(),
                 None => {
-                    admit().map_err(|retry_in| CacheError::RateLimited { retry_in })?;
+                    if let Some(admit) = admit.take() {
+                        admit().map_err(|retry_in| CacheError::RateLimited { retry_in })?;
+                    }
                     inner.start_fetch(&slot, &mut st)
                 }
             }
@@ -437,13 +506,20 @@ impl Inner {
         *self.config.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn slot(&self, key: &CacheKey, now: Instant) -> Arc<Slot> {
-        let shard = self.shard(key);
-        if let Some(slot) = shard.read().unwrap_or_else(|e| e.into_inner()).get(key) {
-            return slot.clone();
-        }
+    fn existing(&self, key: &CacheKey) -> Option<Arc<Slot>> {
+        self.shard(key)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// The entry for `key`, made if missing; then, while the cache is over its bounds, the entries first in
+    /// eviction order go.
+    fn insert(&self, key: &CacheKey, now: Instant) -> Arc<Slot> {
+        let order = (None, self.seq.fetch_add(1, Ordering::Relaxed));
         let slot = {
-            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
             if let Some(slot) = map.get(key) {
                 return slot.clone();
             }
@@ -453,36 +529,91 @@ impl Inner {
                 state: Mutex::new(SlotState::default()),
                 last_used: AtomicU64::new(self.millis(now)),
                 refresher: Mutex::new(None),
+                place: Mutex::new(Place { order, bytes: 0 }),
             });
             map.insert(key.clone(), slot.clone());
             slot
         };
-        if self.entries.fetch_add(1, Ordering::Relaxed) >= self.config().max_entries.max(1) {
-            self.evict_one();
-        }
+        self.lock_order().insert(order, key.clone());
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.reweigh(&slot, None);
         slot
     }
 
-    /// Drops the idle entry (no caller holds it, no fetch under way) that expires soonest, an entry without a
-    /// token first. Shard locks are taken one at a time, never nested.
-    fn evict_one(&self) {
-        let idle = |s: &Arc<Slot>| Arc::strong_count(s) == 1 && s.state().inflight.is_none();
-        let mut victim: Option<(usize, CacheKey, Option<Instant>)> = None;
-        for (i, shard) in self.shards.iter().enumerate() {
-            let map = shard.read().unwrap_or_else(|e| e.into_inner());
-            for (k, s) in map.iter().filter(|(_, s)| idle(s)) {
-                let expires = s.token().map(|t| t.expires_at);
-                if victim.as_ref().is_none_or(|(_, _, best)| expires < *best) {
-                    victim = Some((i, k.clone(), expires));
-                }
+    fn lock_order(&self) -> std::sync::MutexGuard<'_, BTreeMap<Order, CacheKey>> {
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts `slot` at its current weight and, given `expires`, moves it to that place in the eviction
+    /// order; then evicts while over the bounds.
+    fn reweigh(&self, slot: &Slot, expires: Option<Instant>) {
+        let bytes = slot.weight();
+        let (old, new) = {
+            let mut place = slot.place.lock().unwrap_or_else(|e| e.into_inner());
+            let old = *place;
+            place.bytes = bytes;
+            if let Some(at) = expires {
+                place.order.0 = Some(at);
+            }
+            (old, *place)
+        };
+        if old.order != new.order {
+            let mut order = self.lock_order();
+            // Only if it is still listed: a slot already unlinked stays out.
+            if order.remove(&old.order).is_some() {
+                order.insert(new.order, slot.key.clone());
             }
         }
-        if let Some((i, key, _)) = victim {
-            let mut map = self.shards[i].write().unwrap_or_else(|e| e.into_inner());
-            // Still idle now that nobody else can reach it.
-            if map.get(&key).is_some_and(idle) {
-                map.remove(&key);
-                self.entries.fetch_sub(1, Ordering::Relaxed);
+        self.bytes.fetch_add(new.bytes, Ordering::Relaxed);
+        self.bytes.fetch_sub(old.bytes, Ordering::Relaxed);
+        self.evict_while_over();
+    }
+
+    /// Forgets a slot just removed from its shard.
+    fn unlink(&self, slot: &Slot) {
+        let place = *slot.place.lock().unwrap_or_else(|e| e.into_inner());
+        if self.lock_order().remove(&place.order).is_some() {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+            self.bytes.fetch_sub(place.bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn over(&self) -> bool {
+        let c = self.config();
+        self.entries.load(Ordering::Relaxed) > c.max_entries.max(1)
+            || self.bytes.load(Ordering::Relaxed) > c.max_bytes
+    }
+
+    /// Evicts idle entries (no caller holds them, no fetch under way) in eviction order while the cache is
+    /// over a bound: those without a token first, then the soonest to expire. Amortized O(log n): busy
+    /// entries at the front are skipped, and there are at most as many as calls in flight.
+    fn evict_while_over(&self) {
+        let idle = |s: &Arc<Slot>| Arc::strong_count(s) == 1 && s.state().inflight.is_none();
+        let mut after: Option<Order> = None;
+        while self.over() {
+            let next = {
+                let order = self.lock_order();
+                let mut range = match after {
+                    None => order.range(..),
+                    Some(a) => {
+                        order.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                    }
+                };
+                range.next().map(|(o, k)| (*o, k.clone()))
+            };
+            let Some((at, key)) = next else {
+                return;
+            };
+            after = Some(at);
+            let removed = {
+                let mut map = self.shard(&key).write().unwrap_or_else(|e| e.into_inner());
+                let evictable = map.get(&key).is_some_and(|s| {
+                    idle(s) && s.place.lock().unwrap_or_else(|e| e.into_inner()).order == at
+                });
+                if evictable { map.remove(&key) } else { None }
+            };
+            if let Some(slot) = removed {
+                self.unlink(&slot);
             }
         }
     }
@@ -539,6 +670,7 @@ impl Inner {
                     .replace(token.clone());
                 st.failure = None;
                 drop(st);
+                self.reweigh(slot, Some(token.expires_at));
                 tracing::info!(
                     client = %slot.key.client,
                     scopes = %slot.key.scopes,
@@ -555,6 +687,8 @@ impl Inner {
                 let e = Arc::new(e);
                 if !e.is_transient() {
                     st.failure = Some((Instant::now(), e.clone()));
+                    drop(st);
+                    self.reweigh(slot, None);
                 }
                 Err(e)
             }
@@ -581,7 +715,8 @@ impl Inner {
         let unchanged = slot.token().is_some_and(|t| Arc::ptr_eq(&t, token));
         if same && unchanged && slot.state().inflight.is_none() {
             map.remove(&slot.key);
-            self.entries.fetch_sub(1, Ordering::Relaxed);
+            drop(map);
+            self.unlink(slot);
             tracing::debug!(client = %slot.key.client, scopes = %slot.key.scopes, token = %token.fingerprint, "expired token dropped");
         }
     }
@@ -994,6 +1129,52 @@ mod tests {
             matches!(e, CacheError::RateLimited { retry_in } if retry_in == Duration::from_secs(3))
         );
         assert_eq!(fake.calls(), 1);
+        // A refused request left nothing behind: thousands of them do not grow the cache.
+        let (entries, bytes) = (cache.len(), cache.bytes());
+        for i in 0..5000 {
+            let _ = cache.get(&key(&[&format!("x{i}")]), DEFAULT, refuse).await;
+        }
+        assert_eq!((cache.len(), cache.bytes()), (entries, bytes));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bounded_in_bytes_counting_remembered_refusals() {
+        let (fake, _gate) = Fake::new(3600);
+        let max_bytes = 64 * 1024;
+        let cache = TokenCache::new(
+            fake.clone(),
+            CacheConfig {
+                max_bytes,
+                ..CacheConfig::default()
+            },
+        );
+        // The largest scope sets allowed: 64 scopes of 256 bytes.
+        let big = |i: usize| -> Vec<String> {
+            (0..64)
+                .map(|j| format!("{i:04}{j:02}{}", "s".repeat(250)))
+                .collect()
+        };
+        for i in 0..40 {
+            let scopes = big(i);
+            let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+            cache.get(&key(&scopes), DEFAULT, open).await.unwrap();
+            assert!(cache.bytes() <= max_bytes, "{} bytes", cache.bytes());
+        }
+        assert!(
+            !cache.is_empty() && cache.len() < 40,
+            "{} entries",
+            cache.len()
+        );
+        // Remembered refusals count too.
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Rejected {
+            status: 400,
+            code: Some("invalid_scope".into()),
+            description: Some("d".repeat(8000)),
+        });
+        for i in 100..140 {
+            let _ = cache.get(&key(&[&format!("r{i}")]), DEFAULT, open).await;
+            assert!(cache.bytes() <= max_bytes, "{} bytes", cache.bytes());
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -1015,6 +1196,7 @@ mod tests {
             tokio::time::advance(Duration::from_secs(1)).await;
         }
         // The newest three remain: the others expired soonest.
+        assert_eq!(cache.inner.lock_order().len(), 3);
         let before = fake.calls();
         for i in 47..50 {
             assert_eq!(

@@ -59,6 +59,12 @@ pub struct DaemonConfig {
     pub rate_limit: Rate,
     /// Most (client, scope set) entries cached.
     pub max_cached_tokens: usize,
+    /// Most bytes the cache's entries may take, as estimated per entry.
+    pub max_cache_bytes: usize,
+    /// Most connections one uid may hold at once.
+    pub max_connections_per_uid: usize,
+    /// How long a connection may stay open with no call in flight.
+    pub idle_timeout: Duration,
     /// How log lines are written.
     pub log_format: LogFormat,
 }
@@ -441,6 +447,9 @@ impl DaemonConfig {
             default_min_ttl: Duration::from_secs(60),
             rate_limit: Rate::default(),
             max_cached_tokens: 10_000,
+            max_cache_bytes: 64 << 20,
+            max_connections_per_uid: crate::limits::PER_UID_CONNECTIONS,
+            idle_timeout: crate::limits::IDLE_TIMEOUT,
             log_format: LogFormat::Text,
         }
     }
@@ -730,6 +739,31 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
             ),
         }
     }
+    if let Some(v) = t.get("max_cache_bytes") {
+        match v {
+            Value::Integer(i) if (1 << 20..=1 << 40).contains(i) => {
+                d.max_cache_bytes = usize::try_from(*i).unwrap_or(usize::MAX);
+            }
+            _ => errs.push(
+                t.key("max_cache_bytes"),
+                "expected a number of bytes from 1048576 (1 MiB) to 1099511627776 (1 TiB)",
+            ),
+        }
+    }
+    if let Some(v) = t.get("max_connections_per_uid") {
+        match positive(v, 1_000_000) {
+            Some(n) => d.max_connections_per_uid = n as usize,
+            None => errs.push(
+                t.key("max_connections_per_uid"),
+                "expected a whole number from 1 to 1000000",
+            ),
+        }
+    }
+    if let Some(v) = t.get("idle_timeout") {
+        if let Some(idle) = duration(errs, &t.key("idle_timeout"), v) {
+            d.idle_timeout = idle;
+        }
+    }
     t.finish(errs);
     d
 }
@@ -963,8 +997,8 @@ const RESERVED_PARAMS: [&str; 6] = [
     "client_assertion_type",
 ];
 
-/// Parses a token endpoint or issuer URL: https, or http on a loopback address (or anywhere with
-/// `allow_http`).
+/// Parses a token endpoint or issuer URL: https, or plain http with `allow_http` only. Loopback is no
+/// exception: any local user may bind a free loopback port and would then receive the client's secret.
 pub fn endpoint_url(s: &str, allow_http: bool) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     if !url.username().is_empty() || url.password().is_some() {
@@ -975,9 +1009,13 @@ pub fn endpoint_url(s: &str, allow_http: bool) -> Result<Url, String> {
     }
     match url.scheme() {
         "https" => Ok(url),
-        "http" if allow_http || is_loopback(&url) => Ok(url),
+        "http" if allow_http => Ok(url),
+        "http" if is_loopback(&url) => Err(format!(
+            "{s:?} is plain http: any local user who binds that port first receives the client's \
+             credentials; use https, or set allow_http = true if the endpoint is yours (a local test IdP)"
+        )),
         "http" => Err(format!(
-            "{s:?} is plain http to a non-loopback host: the client's credentials would cross the network in \
+            "{s:?} is plain http to another host: the client's credentials would cross the network in \
              clear; use https (or set allow_http = true if you really mean it)"
         )),
         other => Err(format!("unsupported scheme {other:?}; use https")),
@@ -1144,6 +1182,14 @@ fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Match
         ),
         Some(_) => errs.push(t.key("any"), "only `any = true` is meaningful"),
     }
+    let any_user = match t.get("any_user") {
+        None => false,
+        Some(Value::Boolean(true)) => true,
+        Some(_) => {
+            errs.push(t.key("any_user"), "only `any_user = true` is meaningful");
+            false
+        }
+    };
     m.uid = t.list(errs, "uid", id);
     m.gid = t.list(errs, "gid", id);
     m.user = t.list(errs, "user", string);
@@ -1158,6 +1204,26 @@ fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Match
             None
         }
     });
+    let names_users = m.uid.is_some() || m.user.is_some() || m.gid.is_some() || m.group.is_some();
+    let names_programs = m.exe.is_some() || m.unit.is_some();
+    if any_user && names_users {
+        errs.push(
+            t.key("any_user"),
+            "any_user = true says the policy is for every user; remove uid/user/gid/group, or any_user",
+        );
+    } else if any_user && !names_programs {
+        errs.push(
+            t.key("any_user"),
+            "any_user = true goes with exe or unit; for every caller write { any = true }",
+        );
+    } else if names_programs && !names_users && !any_user {
+        errs.push(
+            prefix,
+            "matches only on exe/unit, so every local user who can run that program gets these scopes \
+             (they can ptrace it or make it run their code); add uid, user, gid or group, or write \
+             any_user = true if every user really may",
+        );
+    }
     t.finish(errs);
     (errs.0.len() == before).then_some(m)
 }
@@ -1203,6 +1269,7 @@ socket = "/tmp/x.sock"
 socket_mode = "0660"
 [clients.idp]
 token_url = "http://127.0.0.1:9/token"
+allow_http = true
 client_id = "broker"
 client_secret = { file = "SECRET_FILE" }
 extra_params = { audience = "https://api.example" }
@@ -1212,6 +1279,75 @@ match = { user = "billing", exe = ["/usr/bin/a", "/usr/bin/b"] }
 client = "idp"
 scopes = ["scim:read", "internal_*"]
 "#;
+
+    #[test]
+    fn plain_http_needs_allow_http_even_on_loopback() {
+        let f = Fixture::new();
+        let errs = f
+            .parse(&GOOD.replace("allow_http = true\n", ""))
+            .unwrap_err();
+        assert_eq!(errs.errors[0].key, "clients.idp.token_url");
+        assert!(errs.errors[0].message.contains("allow_http"), "{errs}");
+    }
+
+    #[test]
+    fn program_only_policies_need_any_user() {
+        let f = Fixture::new();
+        let exe_only = GOOD.replace("{ user = \"billing\", exe", "{ exe");
+        let errs = f.parse(&exe_only).unwrap_err();
+        assert_eq!(errs.errors[0].key, "policy[0].match");
+        assert!(errs.errors[0].message.contains("any_user = true"), "{errs}");
+        let unit_only = GOOD.replace(
+            "{ user = \"billing\", exe = [\"/usr/bin/a\", \"/usr/bin/b\"] }",
+            "{ unit = \"x.service\" }",
+        );
+        assert!(f.parse(&unit_only).is_err());
+        // Said on purpose, it is accepted.
+        let opted = GOOD.replace("{ user = \"billing\", exe", "{ any_user = true, exe");
+        assert!(f.parse(&opted).is_ok());
+        // any_user beside a user key, or without a program key, is a mistake.
+        let both = GOOD.replace(
+            "{ user = \"billing\", exe",
+            "{ any_user = true, user = \"billing\", exe",
+        );
+        assert_eq!(
+            f.parse(&both).unwrap_err().errors[0].key,
+            "policy[0].match.any_user"
+        );
+        let alone = GOOD.replace(
+            "{ user = \"billing\", exe = [\"/usr/bin/a\", \"/usr/bin/b\"] }",
+            "{ any_user = true }",
+        );
+        assert_eq!(
+            f.parse(&alone).unwrap_err().errors[0].key,
+            "policy[0].match.any_user"
+        );
+    }
+
+    #[test]
+    fn connection_and_cache_limits() {
+        let f = Fixture::new();
+        let c = f
+            .parse(&GOOD.replace(
+                "socket_mode = \"0660\"",
+                "socket_mode = \"0660\"\nmax_connections_per_uid = 8\nidle_timeout = \"30s\"\nmax_cache_bytes = 2097152",
+            ))
+            .unwrap();
+        assert_eq!(c.daemon.max_connections_per_uid, 8);
+        assert_eq!(c.daemon.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.daemon.max_cache_bytes, 2 << 20);
+        let errs = f
+            .parse(&GOOD.replace(
+                "socket_mode = \"0660\"",
+                "max_connections_per_uid = 0\nmax_cache_bytes = 10",
+            ))
+            .unwrap_err();
+        let keys: Vec<&str> = errs.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["daemon.max_cache_bytes", "daemon.max_connections_per_uid"]
+        );
+    }
 
     #[test]
     fn a_good_config_validates() {

@@ -1,56 +1,128 @@
-//! One accepted connection: the peer credentials the kernel captured at `connect(2)`, the identity derived
-//! from them (resolved once, on the first call), and the connection's grant bookkeeping.
+//! One accepted connection: the identity the kernel reported for its peer (settled at accept, before any byte
+//! of the connection is read), the budgets it counts against, when it was last active, and its grant
+//! bookkeeping for the audit log.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
-use tokio::sync::OnceCell;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::audit::GrantLog;
 use crate::peer::{Caller, PeerCred, PeerError};
 
+/// A peer's identity as settled at accept.
+pub struct Identity {
+    /// What the kernel reported, with the pinned pidfd.
+    pub cred: Arc<PeerCred>,
+    /// What `/proc` and NSS added.
+    pub caller: Arc<Caller>,
+}
+
 /// Per-connection state, shared by every call on the connection.
 pub struct Connection {
-    peer: Result<Arc<PeerCred>, String>,
-    caller: OnceCell<Arc<Caller>>,
+    identity: Result<Identity, String>,
+    /// The budgets calls count against: the uid's, and the unmatched share's when no policy matched.
+    calls: Vec<Arc<Semaphore>>,
+    activity: Activity,
     /// Grants made on this connection, for the audit log.
     pub grants: GrantLog,
 }
 
+/// When a connection was last busy.
+struct Activity {
+    opened: Instant,
+    /// Milliseconds after `opened` when the last call ended (or the connection opened).
+    last: AtomicU64,
+    in_flight: AtomicUsize,
+    called: AtomicBool,
+}
+
+/// A call in flight: counted against the connection's budgets until dropped.
+pub struct Call {
+    conn: Arc<Connection>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let a = &self.conn.activity;
+        a.last.store(a.millis(Instant::now()), Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl Activity {
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.opened).as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 impl Connection {
-    /// State for a connection whose peer credentials were (or could not be) read.
-    pub fn new(peer: Result<PeerCred, PeerError>) -> Self {
+    /// State for a connection whose peer was identified (or could not be), counting its calls against
+    /// each of `calls`.
+    pub fn new(identity: Result<Identity, PeerError>, calls: Vec<Arc<Semaphore>>) -> Self {
         Self {
-            peer: peer.map(Arc::new).map_err(|e| e.to_string()),
-            caller: OnceCell::new(),
+            identity: identity.map_err(|e| e.to_string()),
+            calls,
+            activity: Activity {
+                opened: Instant::now(),
+                last: AtomicU64::new(0),
+                in_flight: AtomicUsize::new(0),
+                called: AtomicBool::new(false),
+            },
             grants: GrantLog::default(),
         }
     }
 
-    /// The caller, checked alive for this call.
-    ///
-    /// The first call reads `/proc` and NSS (off the async workers); later calls only check, through the
-    /// pidfd, that the process that connected is still there, so a recycled pid is never trusted.
+    /// The caller, checked for this call: the process that connected is still alive and still runs the
+    /// executable it ran at accept. Cheap: a `poll` of the pidfd and, when the executable is known, a `stat`.
     ///
     /// # Errors
-    /// [`PeerError`] when the peer's credentials were unreadable, it is not visible, or it has exited.
-    pub async fn caller(&self, proc_root: &Arc<Path>) -> Result<Arc<Caller>, PeerError> {
-        let peer = self
-            .peer
+    /// [`PeerError`] when the identity could not be established at accept, or no longer holds.
+    pub fn caller(&self, proc_root: &Path) -> Result<Arc<Caller>, PeerError> {
+        let id = self
+            .identity
             .as_ref()
             .map_err(|e| PeerError::Credentials(std::io::Error::other(e.clone())))?;
-        let caller = self
-            .caller
-            .get_or_try_init(|| {
-                let (peer, proc_root) = (peer.clone(), proc_root.clone());
-                async move {
-                    tokio::task::spawn_blocking(move || peer.identify(&proc_root).map(Arc::new))
-                        .await
-                        .map_err(|e| PeerError::Credentials(std::io::Error::other(e)))?
-                }
-            })
-            .await?;
-        peer.ensure_alive()?;
-        Ok(caller.clone())
+        id.cred.check(&id.caller, proc_root)?;
+        Ok(id.caller.clone())
+    }
+
+    /// Starts a call, waiting while the connection's user has as many calls in flight as allowed. The
+    /// connection counts as busy from the moment the call arrives.
+    pub async fn start_call(self: &Arc<Self>) -> Call {
+        let a = &self.activity;
+        a.in_flight.fetch_add(1, Ordering::Acquire);
+        a.called.store(true, Ordering::Relaxed);
+        let mut call = Call {
+            conn: self.clone(),
+            _permits: Vec::with_capacity(self.calls.len()),
+        };
+        for calls in &self.calls {
+            // The semaphores are never closed.
+            if let Ok(p) = calls.clone().acquire_owned().await {
+                call._permits.push(p);
+            }
+        }
+        call
+    }
+
+    /// When the connection should be closed for want of activity, as of now: `None` while a call is in
+    /// flight. A connection that never started a call has `first_call` from its opening; afterwards,
+    /// `idle` from the end of its last call.
+    pub fn idle_deadline(&self, first_call: Duration, idle: Duration) -> Option<Instant> {
+        let a = &self.activity;
+        if a.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = a.opened + Duration::from_millis(a.last.load(Ordering::Relaxed));
+        Some(if a.called.load(Ordering::Relaxed) {
+            last + idle
+        } else {
+            a.opened + first_call
+        })
     }
 }

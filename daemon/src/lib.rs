@@ -4,8 +4,10 @@
 //! The major components, in the order a request meets them:
 //!
 //! - [`server`]: binds the socket, accepts connections with their peer credentials, serves gRPC.
+//! - [`limits`]: what one local user may hold: connections and calls in flight, per uid, with callers no
+//!   policy matches sharing one small budget.
 //! - [`peer`] and [`conn`]: the caller's identity from the kernel (`SO_PEERCRED`, `SO_PEERPIDFD`, `/proc`),
-//!   resolved once per connection and checked on every call.
+//!   settled at accept and checked on every call.
 //! - [`service`]: the `credbroker.v1.TokenBroker` service, GetToken and WhoAmI.
 //! - [`scope`] and [`policy`]: scope validation and the per-caller policies (deny by default).
 //! - [`cache`]: tokens per (client, scope set): single flight, refresh ahead, remembered failures, bounded.
@@ -26,6 +28,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod jwt;
+pub mod limits;
 pub mod notify;
 pub mod peer;
 pub mod policy;
@@ -36,6 +39,7 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod sys;
+pub mod text;
 pub mod upstream;
 
 use std::path::Path;
@@ -69,6 +73,9 @@ pub struct Options {
     pub watchdog: Option<Duration>,
     /// How long in-flight calls may take to finish after a shutdown signal.
     pub grace: Duration,
+    /// The process's open file limit (`RLIMIT_NOFILE`, as raised at start): it sets how many connections
+    /// are served at once.
+    pub nofile: u64,
 }
 
 /// Serves `config` on `listener`, reloading on [`Signal::Reload`], until [`Signal::Shutdown`] (or the end of
@@ -90,7 +97,20 @@ pub async fn run(
              see the README (systemd drop-in credbroker-exe-matching.conf)"
         );
     }
+    warn_unseen_exes(&config);
     let summary = summary(&config);
+    let limits = limits::Limits::new(
+        options.nofile,
+        config.daemon.max_connections_per_uid,
+        config.daemon.idle_timeout,
+    );
+    tracing::info!(
+        max_connections = limits.max_connections,
+        per_uid = limits.per_uid_connections,
+        unmatched = limits.unmatched_connections,
+        calls_per_uid = limits.per_uid_calls,
+        "connection limits"
+    );
     let broker = Arc::new(service::Broker::new(
         Arc::new(config),
         upstream,
@@ -104,6 +124,7 @@ pub async fn run(
     let mut server = tokio::spawn(server::serve(
         listener,
         broker.clone(),
+        limits,
         health_service,
         async {
             let _ = stopped.await;
@@ -125,6 +146,17 @@ pub async fn run(
             }
         }))
     });
+    // Now and then, say how many denials went unlogged (over their uid's rate).
+    let _denial_summaries = {
+        let broker = broker.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                broker.denials.flush();
+            }
+        }))
+    };
     tokio::pin!(signals);
     let reason = loop {
         tokio::select! {
@@ -161,6 +193,18 @@ fn notify(notifier: &Notifier, state: &str) {
     }
 }
 
+/// Warns about `exe` paths the daemon cannot stat: the policies naming them match nobody.
+fn warn_unseen_exes(config: &Config) {
+    for (path, e) in config.policies.unseen_exes() {
+        tracing::warn!(
+            path = %path.display(),
+            error = %e,
+            "a policy names an executable the daemon cannot see (missing, or hidden by ProtectHome= or \
+             PrivateTmp=); it matches no caller"
+        );
+    }
+}
+
 /// The `STATUS=` line for a config.
 fn summary(config: &Config) -> String {
     format!(
@@ -174,6 +218,7 @@ fn reload(broker: &service::Broker, options: &Options) {
     notify(&options.notifier, "RELOADING=1\nSTATUS=reloading");
     match (options.reload_config)() {
         Ok(config) => {
+            warn_unseen_exes(&config);
             let summary = summary(&config);
             let r = broker.reload(config);
             tracing::info!(

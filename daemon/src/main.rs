@@ -69,6 +69,23 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.daemon.log_format);
+    // Each connection costs two descriptors (its socket and the peer's pidfd): take all the kernel allows.
+    let nofile = match sys::raise_nofile() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("credbrokerd: cannot read RLIMIT_NOFILE: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Before the runtime starts any thread: binding sets the socket's mode through the umask.
+    let socket = match take_socket(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("credbrokerd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -76,7 +93,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config, &cli.config)) {
+    match runtime.block_on(serve(config, &cli.config, socket, nofile)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -109,24 +126,40 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
+/// The listening socket: the one systemd passed, else one bound at the configured path (with the record of
+/// what was bound, to remove it at exit).
+fn take_socket(
+    config: &Config,
+) -> anyhow::Result<(
+    std::os::unix::net::UnixListener,
+    Option<server::BoundSocket>,
+)> {
     let d = &config.daemon;
-    let (listener, bound) =
-        match sys::take_listen_fd(env("LISTEN_PID").as_deref(), env("LISTEN_FDS").as_deref())? {
-            Some(passed) => {
-                tracing::info!("serving the socket systemd passed");
-                (tokio::net::UnixListener::from_std(passed)?, None)
-            }
-            None => {
-                let listener = server::bind(
-                    &d.socket,
-                    d.socket_mode,
-                    d.socket_group.as_ref().map(|g| g.1),
-                )?;
-                tracing::info!(socket = %d.socket.display(), "serving");
-                (listener, Some(d.socket.clone()))
-            }
-        };
+    if let Some(passed) =
+        sys::take_listen_fd(env("LISTEN_PID").as_deref(), env("LISTEN_FDS").as_deref())?
+    {
+        tracing::info!("serving the socket systemd passed");
+        return Ok((passed, None));
+    }
+    let (listener, bound) = server::bind(
+        &d.socket,
+        d.socket_mode,
+        d.socket_group.as_ref().map(|g| g.1),
+    )?;
+    tracing::info!(socket = %d.socket.display(), "serving");
+    Ok((listener, Some(bound)))
+}
+
+async fn serve(
+    config: Config,
+    config_path: &Path,
+    (listener, bound): (
+        std::os::unix::net::UnixListener,
+        Option<server::BoundSocket>,
+    ),
+    nofile: u64,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::UnixListener::from_std(listener)?;
     use tokio::signal::unix::{SignalKind, signal};
     let on = |kind: SignalKind, what: Signal| -> anyhow::Result<_> {
         Ok(tokio_stream::wrappers::SignalStream::new(signal(kind)?).map(move |()| what))
@@ -143,13 +176,22 @@ async fn serve(config: Config, config_path: &Path) -> anyhow::Result<()> {
             env("WATCHDOG_PID").as_deref(),
         ),
         grace: GRACE,
+        nofile,
     };
     let result = credbroker_daemon::run(config, listener, signals, options).await;
-    // Remove the socket only if this process bound it: one systemd passed belongs to systemd.
-    if let Some(socket) = bound
-        && let Err(e) = std::fs::remove_file(&socket)
-    {
-        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the socket");
+    // Remove the socket only if this process bound it (one systemd passed belongs to systemd), and only if
+    // it is still the file it bound (a newer instance may have replaced it while this one drained).
+    if let Some(socket) = bound {
+        match socket.remove() {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(
+                socket = %socket.path().display(),
+                "the socket path now belongs to another instance; leaving it"
+            ),
+            Err(e) => {
+                tracing::warn!(socket = %socket.path().display(), error = %e, "cannot remove the socket")
+            }
+        }
     }
     result
 }

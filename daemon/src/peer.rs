@@ -2,16 +2,23 @@
 //!
 //! At accept time the daemon records what the kernel captured when the peer connected: uid, gid and pid
 //! (`SO_PEERCRED`), supplementary groups (`SO_PEERGROUPS`) and a pidfd (`SO_PEERPIDFD`) for that very
-//! process. On the first call the rest is read from `/proc/<pid>` (executable, systemd unit) and NSS (names);
-//! on every call the pidfd is checked, so a peer that has exited — and whose pid may now belong to another
-//! process — is refused instead of being judged by the newcomer's `/proc` entries.
+//! process. Right after, still before the connection's first byte is read, the rest is read from
+//! `/proc/<pid>` (the executable, as a path and as a [`FileId`]; the systemd unit) and NSS (names, cached
+//! briefly). On every call the pidfd is checked, so a peer that has exited — and whose pid may now belong to
+//! another process — is refused instead of being judged by the newcomer's `/proc` entries, and the process's
+//! executable is checked to be the file it was at accept, so a process that `exec`s an allowed program after
+//! connecting does not pass for it.
 //!
 //! Nothing the caller sends is part of its identity.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
 
@@ -73,6 +80,12 @@ pub enum PeerError {
     /// pid may have been reused.
     #[error("the process behind pid {pid} is not the one that connected (pid reused?)")]
     Replaced {
+        /// The peer's pid.
+        pid: i32,
+    },
+    /// The process runs another program than when it connected (it called `exec`).
+    #[error("the calling process (pid {pid}) has executed another program since it connected")]
+    ExeChanged {
         /// The peer's pid.
         pid: i32,
     },
@@ -146,6 +159,7 @@ impl PeerCred {
         // The executable cannot be read when the daemon lacks ptrace access to the peer (a non-root daemon and
         // a peer of another user): policies that name `exe` then do not match it.
         let exe = std::fs::read_link(dir.join("exe")).ok();
+        let exe_id = exe.as_ref().and_then(|_| FileId::of(&dir.join("exe")).ok());
         let cgroup = std::fs::read_to_string(dir.join("cgroup"))
             .map_err(|source| PeerError::Proc { pid, source })?;
         if self.pinned_late {
@@ -172,19 +186,105 @@ impl PeerCred {
         gids.extend(self.groups.iter().copied().filter(|&g| g != self.gid));
         let groups = gids
             .iter()
-            .map(|&g| sys::group_name(g).unwrap_or_else(|| g.to_string()))
+            .map(|&g| group_name(g).unwrap_or_else(|| g.to_string()))
             .collect();
         Ok(Caller {
             uid: self.uid,
             gid: self.gid,
             pid,
-            user: sys::user_name(self.uid),
+            user: user_name(self.uid),
             gids,
             groups,
             exe,
+            exe_id,
             unit: unit_from_cgroup(&cgroup),
         })
     }
+
+    /// Checks, for a call, that `caller` (what [`identify`](Self::identify) made of this peer) still holds: the
+    /// process that connected is alive and runs the same executable file as then.
+    ///
+    /// # Errors
+    /// [`PeerError::Exited`], [`PeerError::ExeChanged`], or why `/proc/<pid>/exe` could no longer be read.
+    pub fn check(&self, caller: &Caller, proc_root: &Path) -> Result<(), PeerError> {
+        let pid = self.ensure_alive()?;
+        if let Some(id) = caller.exe_id {
+            let path = proc_root.join(pid.to_string()).join("exe");
+            match FileId::of(&path) {
+                Ok(now) if now == id => {}
+                Ok(_) => return Err(PeerError::ExeChanged { pid }),
+                Err(source) => return Err(PeerError::Proc { pid, source }),
+            }
+            // The exe read above is the peer's only if the peer is still alive now.
+            self.ensure_alive()?;
+        }
+        Ok(())
+    }
+}
+
+/// A file's identity: its device and inode. Two paths name the same file when their ids are equal, whatever
+/// the path strings say; a bind mount over a path in another mount namespace does not change what the daemon
+/// sees at that path in its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file `path` names, following symbolic links (and `/proc/<pid>/exe`).
+    ///
+    /// # Errors
+    /// `stat(2)`'s error.
+    pub fn of(path: &Path) -> io::Result<Self> {
+        let meta = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// How long a user or group name from NSS is reused.
+const NAME_TTL: Duration = Duration::from_secs(60);
+/// Names cached at most; the cache starts afresh when full.
+const MAX_NAMES: usize = 4096;
+
+type NameCache = HashMap<(bool, u32), (Option<String>, Instant)>;
+
+/// uid and gid names, cached so that a flood of connections does not become a flood of NSS look-ups (which
+/// may ask LDAP or sssd) on the blocking threads.
+static NAMES: LazyLock<Mutex<NameCache>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn cached_name(group: bool, id: u32, lookup: fn(u32) -> Option<String>) -> Option<String> {
+    let now = Instant::now();
+    {
+        let names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((name, at)) = names.get(&(group, id))
+            && now.duration_since(*at) < NAME_TTL
+        {
+            return name.clone();
+        }
+    }
+    let name = lookup(id);
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if names.len() >= MAX_NAMES {
+        names.clear();
+    }
+    names.insert((group, id), (name.clone(), now));
+    name
+}
+
+/// The name of user `uid` (NSS, cached for a minute).
+pub fn user_name(uid: u32) -> Option<String> {
+    cached_name(false, uid, sys::user_name)
+}
+
+/// The name of group `gid` (NSS, cached for a minute).
+pub fn group_name(gid: u32) -> Option<String> {
+    cached_name(true, gid, sys::group_name)
 }
 
 /// A caller as the daemon sees it: what policies match on, what WhoAmI reports and what the audit log names.
@@ -204,6 +304,9 @@ pub struct Caller {
     pub groups: Vec<String>,
     /// `/proc/<pid>/exe`, if readable.
     pub exe: Option<PathBuf>,
+    /// The identity of the executable file at accept, if readable. Policies match `exe` on this, never on the
+    /// path string.
+    pub exe_id: Option<FileId>,
     /// The systemd unit the process runs in, if any.
     pub unit: Option<String>,
 }
@@ -220,11 +323,15 @@ impl fmt::Display for Caller {
         // Quoted and escaped: a path or cgroup name may hold newlines and other control characters, which must
         // not reach log lines or messages raw.
         match &self.exe {
-            Some(exe) => write!(f, " exe={exe:?}")?,
+            Some(exe) => write!(
+                f,
+                " exe=\"{}\"",
+                crate::text::clip_escaped(&exe.to_string_lossy())
+            )?,
             None => write!(f, " exe=?")?,
         }
         if let Some(unit) = &self.unit {
-            write!(f, " unit={unit:?}")?;
+            write!(f, " unit=\"{}\"", crate::text::clip_escaped(unit))?;
         }
         Ok(())
     }
@@ -337,6 +444,20 @@ mod tests {
         let caller = cred.identify(Path::new("/proc")).unwrap();
         assert_eq!(caller.pid, std::process::id() as i32);
         assert_eq!(caller.exe, Some(std::env::current_exe().unwrap()));
+        assert_eq!(
+            caller.exe_id,
+            Some(FileId::of(&std::env::current_exe().unwrap()).unwrap())
+        );
         assert_eq!(caller.gids[0], caller.gid);
+        assert!(cred.check(&caller, Path::new("/proc")).is_ok());
+        // Another executable than the one seen at accept is refused.
+        let other = Caller {
+            exe_id: Some(FileId::of(Path::new("/bin/sh")).unwrap()),
+            ..caller
+        };
+        assert!(matches!(
+            cred.check(&other, Path::new("/proc")),
+            Err(PeerError::ExeChanged { .. })
+        ));
     }
 }

@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::peer::Caller;
+use crate::peer::{Caller, FileId};
 use crate::scope::{ScopePattern, ScopeSet};
 
 /// One `[[policy]]` of the config.
@@ -37,7 +37,7 @@ pub struct Matcher {
     pub gid: Option<Vec<u32>>,
     /// Group names, primary or supplementary.
     pub group: Option<Vec<String>>,
-    /// Absolute executable paths.
+    /// Absolute executable paths, matched by file identity (device and inode), never as strings.
     pub exe: Option<Vec<PathBuf>>,
     /// Systemd units.
     pub unit: Option<Vec<String>>,
@@ -56,8 +56,24 @@ impl Matcher {
             && key(&self.user, |u| caller.user.as_deref() == Some(u.as_str()))
             && key(&self.gid, |g| caller.gids.contains(g))
             && key(&self.group, |g| caller.groups.contains(g))
-            && key(&self.exe, |e| caller.exe.as_ref() == Some(e))
+            && key(&self.exe, |e| exe_matches(e, caller))
             && key(&self.unit, |u| caller.unit.as_deref() == Some(u.as_str()))
+    }
+}
+
+/// Whether the caller's executable is the file at `path` now: the same device and inode. The path is
+/// stat'ed on every check, so a binary upgraded in place (a new inode) keeps matching new processes; a
+/// process still running the replaced file does not match. A path the daemon cannot see does not match.
+fn exe_matches(path: &Path, caller: &Caller) -> bool {
+    let Some(id) = caller.exe_id else {
+        return false;
+    };
+    match FileId::of(path) {
+        Ok(want) => want == id,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "policy exe cannot be stat'ed; no match");
+            false
+        }
     }
 }
 
@@ -138,6 +154,29 @@ impl PolicySet {
     /// The policies.
     pub fn policies(&self) -> &[Policy] {
         &self.policies
+    }
+
+    /// Whether any policy matches `caller`.
+    pub fn matches_any(&self, caller: &Caller) -> bool {
+        self.policies.iter().any(|p| p.matcher.matches(caller))
+    }
+
+    /// The `exe` paths the daemon cannot stat (hidden by `ProtectHome=` or `PrivateTmp=`, missing, …), with
+    /// why: policies naming them match nobody.
+    pub fn unseen_exes(&self) -> Vec<(PathBuf, std::io::Error)> {
+        let mut unseen: Vec<(PathBuf, std::io::Error)> = Vec::new();
+        for path in self
+            .policies
+            .iter()
+            .flat_map(|p| p.matcher.exe.iter().flatten())
+        {
+            if let Err(e) = FileId::of(path)
+                && !unseen.iter().any(|(p, _)| p == path)
+            {
+                unseen.push((path.clone(), e));
+            }
+        }
+        unseen
     }
 
     /// Whether any policy matches on the caller's executable.
@@ -262,6 +301,7 @@ mod tests {
             gids: groups.iter().map(|g| g.0).collect(),
             groups: groups.iter().map(|g| g.1.to_owned()).collect(),
             exe: Some(PathBuf::from(exe)),
+            exe_id: FileId::of(Path::new(exe)).ok(),
             unit: Some("billing.service".to_owned()),
         }
     }
@@ -292,16 +332,16 @@ mod tests {
             1001,
             "billing",
             &[(1001, "billing"), (50, "staff")],
-            "/usr/local/bin/sync",
+            "/usr/bin/env",
         );
         let m = Matcher {
             user: Some(vec!["billing".into()]),
-            exe: Some(vec!["/usr/local/bin/sync".into()]),
+            exe: Some(vec!["/usr/bin/env".into()]),
             ..Matcher::default()
         };
         assert!(m.matches(&billing));
         let m2 = Matcher {
-            exe: Some(vec!["/usr/bin/other".into()]),
+            exe: Some(vec!["/bin/sh".into()]),
             ..m.clone()
         };
         assert!(!m2.matches(&billing));
@@ -317,6 +357,41 @@ mod tests {
             ..Matcher::default()
         };
         assert!(!by_gid.matches(&billing));
+    }
+
+    #[test]
+    fn exe_matches_the_file_not_the_path_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let (allowed, other) = (dir.path().join("allowed"), dir.path().join("other"));
+        std::fs::write(&allowed, "#!/bin/sh\n").unwrap();
+        std::fs::write(&other, "#!/bin/sh\n").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&allowed, &link).unwrap();
+        let m = |p: &Path| Matcher {
+            uid: Some(vec![1001]),
+            exe: Some(vec![p.to_owned()]),
+            ..Matcher::default()
+        };
+        let mut c = caller(1001, "u", &[(1001, "u")], allowed.to_str().unwrap());
+        assert!(m(&allowed).matches(&c));
+        // Another path to the same file matches (a symlink in the config, say).
+        assert!(m(&link).matches(&c));
+        // The same path string for another file does not: what a bind mount over the path in the caller's
+        // own mount namespace would show.
+        c.exe_id = FileId::of(&other).ok();
+        assert!(!m(&allowed).matches(&c));
+        // Upgraded in place (a new file at the path): new processes of it match.
+        std::fs::remove_file(&allowed).unwrap();
+        std::fs::rename(&other, &allowed).unwrap();
+        assert!(m(&allowed).matches(&c));
+        // A path the daemon cannot see matches nobody, and is reported.
+        let gone = dir.path().join("gone");
+        assert!(!m(&gone).matches(&c));
+        let ps = PolicySet::new(vec![policy("p", m(&gone), &["idp"], &["x"])]);
+        assert_eq!(ps.unseen_exes()[0].0, gone);
+        // A caller whose executable could not be read matches no exe policy.
+        c.exe_id = None;
+        assert!(!m(&allowed).matches(&c));
     }
 
     #[test]

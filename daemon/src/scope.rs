@@ -131,8 +131,9 @@ impl fmt::Debug for ScopeSet {
 }
 
 impl fmt::Display for ScopeSet {
+    /// For logs: the scopes space-separated, cut after [`crate::text::SHOWN`] characters with counts.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.joined())
+        crate::text::ClipList(&self.0).fmt(f)
     }
 }
 

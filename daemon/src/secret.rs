@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -81,6 +81,28 @@ pub enum SecretError {
     NotAFile {
         /// The path.
         path: PathBuf,
+    },
+    /// A symbolic link: secrets are read from the file the config names, never through a link.
+    #[error("{path} is a symbolic link; name the file itself")]
+    Symlink {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Owned by someone other than root or the daemon's user, who could replace it.
+    #[error("{path} is owned by uid {uid}; it must belong to root or to the daemon's user")]
+    Owner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+    },
+    /// Writable by group or other users, who could replace the secret.
+    #[error("{path} is writable by other users (mode {mode:04o}); run: chmod go-w {path}")]
+    Writable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// Larger than [`MAX_SECRET_LEN`].
     #[error("{path} is larger than {MAX_SECRET_LEN} bytes")]
@@ -166,14 +188,37 @@ fn read_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    // No following a link to a file the config does not name, and no blocking on a FIFO: the file's kind
+    // is checked on the descriptor before anything is read.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => SecretError::Symlink {
+                path: path.to_owned(),
+            },
+            _ => read_err(e),
+        })?;
     let meta = file.metadata().map_err(read_err)?;
     if !meta.is_file() {
         return Err(SecretError::NotAFile {
             path: path.to_owned(),
         });
     }
+    if meta.uid() != 0 && meta.uid() != crate::sys::euid() {
+        return Err(SecretError::Owner {
+            path: path.to_owned(),
+            uid: meta.uid(),
+        });
+    }
     let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(SecretError::Writable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
     if mode & 0o004 != 0 {
         return Err(SecretError::WorldReadable {
             path: path.to_owned(),
@@ -242,6 +287,49 @@ mod tests {
         let p = write(dir.path(), "e", "\n", 0o600);
         let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
         assert!(matches!(err, SecretError::Empty(_)), "{err}");
+    }
+
+    #[test]
+    fn writable_linked_foreign_and_fifo_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Writable by other users: mode 0602 hides no secret from the world's write bit.
+        let p = write(dir.path(), "w", "x", 0o602);
+        let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
+        assert!(
+            matches!(err, SecretError::Writable { mode: 0o602, .. }),
+            "{err}"
+        );
+        let p = write(dir.path(), "g", "x", 0o620);
+        let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
+        assert!(matches!(err, SecretError::Writable { .. }), "{err}");
+        // A link, even to a good file.
+        let good = write(dir.path(), "good", "x", 0o600);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let err = Secret::load(SecretSource::File(link), &no_env()).unwrap_err();
+        assert!(matches!(err, SecretError::Symlink { .. }), "{err}");
+        // A FIFO is refused at once instead of blocking the start or a reload.
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = Secret::load(SecretSource::File(fifo), &no_env()).unwrap_err();
+        assert!(matches!(err, SecretError::NotAFile { .. }), "{err}");
+        // Owned by another user (when the tests run as root, as they do in CI).
+        if crate::sys::euid() == 0 {
+            let p = write(dir.path(), "o", "x", 0o600);
+            std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+            let err = Secret::load(SecretSource::File(p), &no_env()).unwrap_err();
+            assert!(
+                matches!(err, SecretError::Owner { uid: 65534, .. }),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,16 @@
 //! The Unix socket: binding it safely, accepting connections with their peer credentials, and serving the
 //! gRPC service until shutdown.
+//!
+//! Every peer may be hostile, so each connection is bounded before any of its bytes is read: the global
+//! connection budget, then its uid's ([`crate::limits`]); then its identity is settled (pidfd pinned,
+//! executable and unit read) and, if no policy matches it, it also takes a slot of the small budget shared
+//! by all such callers; then it must send the HTTP/2 preface within [`Limits::handshake_timeout`]. Served
+//! connections are closed when idle, each call counts against its user's budget of calls in flight, and
+//! HTTP/2 windows, header lists and messages are kept small, so what one user can make the daemon buffer is
+//! bounded.
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,22 +18,34 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use credbroker_proto::TokenBrokerServer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::conn::Connection;
-use crate::peer::PeerCred;
+use crate::conn::{Connection, Identity};
+use crate::limits::{Bucket, Budgets, Limits, Permit};
+use crate::peer::{FileId, PeerCred, PeerError};
 use crate::service::Broker;
+use crate::sys;
 
-/// Largest gRPC message accepted from a caller.
-pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
-/// Most connections open at once; further connections are accepted and closed at once.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// Largest gRPC message accepted from a caller: the largest valid request (64 scopes of 256 bytes, a client
+/// name, a min TTL) is about 16.7 KiB.
+pub const MAX_MESSAGE_LEN: usize = 20 * 1024;
+/// Largest gRPC message sent (a reflection answer is the largest).
+pub const MAX_RESPONSE_LEN: usize = 64 * 1024;
 /// Most concurrent calls on one connection.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// HTTP/2 flow-control window of each stream: room for the largest request.
+pub const STREAM_WINDOW: u32 = 32 * 1024;
+/// HTTP/2 flow-control window of each connection.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024;
+/// Largest HTTP/2 header list accepted (HPACK-decoded).
+pub const MAX_HEADER_LIST: u32 = 8 * 1024;
 
 /// Why the socket could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +56,19 @@ pub enum BindError {
     /// Something other than a socket is at the path.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// Others could rename entries in the socket's directory.
+    #[error(
+        "{path} (owner uid {uid}, mode {mode:04o}) must belong to root or the daemon's user and not be \
+         writable by others (or be sticky): others could swap the socket for a link"
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A system call failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -51,24 +84,31 @@ pub enum BindError {
 
 /// Binds the daemon's socket at `path` with permission bits `mode` and, if given, group `gid`.
 ///
-/// A missing parent directory is created (mode 0755). A stale socket left by a previous run is replaced; a
-/// socket someone is still serving, or a file that is not a socket, is not.
+/// A missing parent directory is created (mode 0755). The directory must belong to root or the daemon's
+/// user and not be writable by others (unless sticky), so nobody else can swap the socket's path for a link
+/// between the bind and the `lchown`. The mode is set atomically by the umask at bind (call this before
+/// other threads start). A stale socket left by a previous run is replaced; a socket someone is still
+/// serving, or a file that is not a socket, is not.
 ///
 /// # Errors
 /// [`BindError`].
-pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, BindError> {
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    gid: Option<u32>,
+) -> Result<(std::os::unix::net::UnixListener, BoundSocket), BindError> {
     let io_err = |what, source| BindError::Io {
         what,
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| io_err("cannot create the directory of", e))?;
-    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| io_err("cannot create the directory of", e))?;
+    check_socket_dir(dir)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -81,21 +121,105 @@ pub fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, Bi
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", e)),
     }
-    let listener = UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io_err("cannot set the mode of", e))?;
+    let listener = sys::bind_with_mode(path, mode).map_err(|e| io_err("cannot bind", e))?;
     if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
+        std::os::unix::fs::lchown(path, None, Some(gid))
             .map_err(|e| io_err("cannot set the group of", e))?;
     }
-    Ok(listener)
+    let id = std::fs::symlink_metadata(path)
+        .map(|m| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+        .map_err(|e| io_err("cannot inspect", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err("cannot configure", e))?;
+    Ok((
+        listener,
+        BoundSocket {
+            path: path.to_owned(),
+            id,
+        },
+    ))
 }
 
+/// Refuses a socket directory that someone other than root and the daemon's user could rearrange.
+fn check_socket_dir(dir: &Path) -> Result<(), BindError> {
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|source| BindError::Io {
+            what: "cannot open the socket directory",
+            path: dir.to_owned(),
+            source,
+        })?;
+    let meta = handle.metadata().map_err(|source| BindError::Io {
+        what: "cannot inspect the socket directory",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode();
+    let sticky = mode & libc::S_ISVTX != 0;
+    if (meta.uid() != 0 && meta.uid() != sys::euid()) || (mode & 0o022 != 0 && !sticky) {
+        return Err(BindError::UnsafeDirectory {
+            path: dir.to_owned(),
+            uid: meta.uid(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// The socket file this process bound: removed at exit only if it is still that very file, so an old
+/// instance that is still draining never removes the socket of the instance that replaced it.
+#[derive(Debug)]
+pub struct BoundSocket {
+    path: PathBuf,
+    id: FileId,
+}
+
+impl BoundSocket {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket if the path still names the file this process bound; says whether it did.
+    ///
+    /// # Errors
+    /// `unlink(2)`'s error.
+    pub fn remove(&self) -> io::Result<bool> {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if m.dev() == self.id.dev && m.ino() == self.id.ino => {
+                std::fs::remove_file(&self.path)?;
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// An accepted connection with its per-connection state, handed to tonic.
+///
+/// It replays the preface the daemon read to check the protocol, and closes the connection (a read error)
+/// once it has been idle longer than allowed: no call for [`Limits::first_call_timeout`] after it opened, or
+/// none in flight for [`Limits::idle_timeout`].
 struct PeerStream {
     io: UnixStream,
+    /// How much of [`H2_PREFACE`] has been replayed.
+    replayed: usize,
     conn: Arc<Connection>,
-    _permit: OwnedSemaphorePermit,
+    limits: Limits,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    _permits: Vec<Permit>,
+    _global: OwnedSemaphorePermit,
 }
 
 impl Connected for PeerStream {
@@ -112,7 +236,35 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.replayed < H2_PREFACE.len() {
+            let n = buf.remaining().min(H2_PREFACE.len() - this.replayed);
+            buf.put_slice(&H2_PREFACE[this.replayed..this.replayed + n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        if let Poll::Ready(r) = Pin::new(&mut this.io).poll_read(cx, buf) {
+            return Poll::Ready(r);
+        }
+        // Nothing to read: is the connection past its idle deadline?
+        while this.idle.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let limits = &this.limits;
+            match this
+                .conn
+                .idle_deadline(limits.first_call_timeout, limits.idle_timeout)
+            {
+                Some(at) if at <= now => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection idle for too long",
+                    )));
+                }
+                Some(at) => this.idle.as_mut().reset(at),
+                None => this.idle.as_mut().reset(now + limits.idle_timeout),
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -146,70 +298,262 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accepts connections, reading each peer's credentials, until the receiver goes away. Accept errors (such as
-/// running out of file descriptors) are logged and retried after a pause instead of spinning.
-async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<Result<PeerStream, io::Error>>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut refused = 0u64;
+/// Why a connection was closed before it was served; each is counted and logged at powers of two, so a
+/// flood of connections cannot flood the log.
+#[derive(Clone, Copy)]
+enum Refused {
+    /// Over [`Limits::max_connections`].
+    Global,
+    /// Over the uid's [`Limits::per_uid_connections`].
+    Uid,
+    /// Over the shared [`Limits::unmatched_connections`].
+    Unmatched,
+    /// No valid preface within [`Limits::handshake_timeout`], or no peer credentials.
+    Handshake,
+}
+
+/// Counts refused connections.
+#[derive(Default)]
+struct RefusedLog([AtomicU64; 4]);
+
+impl RefusedLog {
+    fn count(&self, why: Refused, limits: &Limits, uid: Option<u32>) {
+        let n = self.0[why as usize].fetch_add(1, Ordering::Relaxed) + 1;
+        if !n.is_power_of_two() {
+            return;
+        }
+        let uid = uid.map_or_else(|| "?".to_owned(), |u| u.to_string());
+        match why {
+            Refused::Global => tracing::warn!(
+                refused = n,
+                "too many connections ({}); closing new ones",
+                limits.max_connections
+            ),
+            Refused::Uid => tracing::warn!(
+                refused = n,
+                uid,
+                "uid holds too many connections ({}); closing its new ones",
+                limits.per_uid_connections
+            ),
+            Refused::Unmatched => tracing::warn!(
+                refused = n,
+                uid,
+                "callers that no policy matches hold too many connections ({}); closing new ones",
+                limits.unmatched_connections
+            ),
+            Refused::Handshake => tracing::info!(
+                refused = n,
+                uid,
+                "connection closed before it was served: no peer credentials, or no HTTP/2 preface within {}",
+                humantime::format_duration(limits.handshake_timeout)
+            ),
+        }
+    }
+}
+
+/// What the accept loop and the handshakes share.
+struct Acceptor {
+    broker: Arc<Broker>,
+    budgets: Arc<Budgets>,
+    global: Arc<Semaphore>,
+    refused: RefusedLog,
+}
+
+/// Accepts connections until the receiver goes away, spawning a bounded handshake for each. Accept errors
+/// (such as running out of file descriptors) are logged and retried after a pause instead of spinning.
+async fn accept_loop(
+    listener: UnixListener,
+    acceptor: Arc<Acceptor>,
+    tx: mpsc::Sender<Result<PeerStream, io::Error>>,
+) {
+    let limits = *acceptor.budgets.limits();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = tx.closed() => return,
         };
-        match accepted {
-            Ok((io, _)) => {
-                // Over the limit: close at once rather than leave callers queued in the backlog, where a
-                // connection could wait for as long as someone else holds the slots.
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    refused += 1;
-                    if refused.is_power_of_two() {
-                        tracing::warn!(
-                            refused,
-                            "too many connections ({MAX_CONNECTIONS}); closing new ones"
-                        );
-                    }
-                    drop(io);
-                    continue;
-                };
-                let peer = PeerCred::from_stream(&io);
-                if let Err(e) = &peer {
-                    tracing::warn!(error = %e, "connection without usable peer credentials; its calls will be refused");
-                }
-                let stream = PeerStream {
-                    io,
-                    conn: Arc::new(Connection::new(peer)),
-                    _permit: permit,
-                };
-                if tx.send(Ok(stream)).await.is_err() {
-                    return;
-                }
-            }
+        let io = match accepted {
+            Ok((io, _)) => io,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed; retrying shortly");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Over a limit: close at once rather than leave callers queued in the backlog, where a connection
+        // could wait for as long as someone else holds the slots.
+        let Ok(global) = acceptor.global.clone().try_acquire_owned() else {
+            acceptor.refused.count(Refused::Global, &limits, None);
+            continue;
+        };
+        let uid = match io.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(_) => {
+                acceptor.refused.count(Refused::Handshake, &limits, None);
+                continue;
+            }
+        };
+        let Some(uid_permit) = acceptor.budgets.connection(Bucket::Uid(uid)) else {
+            acceptor.refused.count(Refused::Uid, &limits, Some(uid));
+            continue;
+        };
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + limits.handshake_timeout;
+            let handshake = handshake(io, uid, &acceptor, vec![uid_permit], global);
+            match tokio::time::timeout_at(deadline, handshake).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Err(why)) => acceptor.refused.count(why, &limits, Some(uid)),
+                Err(_) => acceptor
+                    .refused
+                    .count(Refused::Handshake, &limits, Some(uid)),
+            }
+        });
+    }
+}
+
+/// Settles a new connection's identity, counts it against its budgets and reads its HTTP/2 preface.
+async fn handshake(
+    mut io: UnixStream,
+    uid: u32,
+    acceptor: &Acceptor,
+    mut permits: Vec<Permit>,
+    global: OwnedSemaphorePermit,
+) -> Result<PeerStream, Refused> {
+    let identity = match PeerCred::from_stream(&io) {
+        Ok(cred) => {
+            let (cred, proc_root) = (Arc::new(cred), acceptor.broker.proc_root());
+            let c = cred.clone();
+            match tokio::task::spawn_blocking(move || c.identify(&proc_root)).await {
+                Ok(Ok(caller)) => Ok(Identity {
+                    cred,
+                    caller: Arc::new(caller),
+                }),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(PeerError::Credentials(io::Error::other(e))),
             }
         }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &identity {
+        tracing::debug!(uid, error = %e, "connection without a usable identity; its calls will be refused");
+    }
+    let matched = identity
+        .as_ref()
+        .is_ok_and(|id| acceptor.broker.is_known(&id.caller));
+    if !matched {
+        permits.push(
+            acceptor
+                .budgets
+                .connection(Bucket::Unmatched)
+                .ok_or(Refused::Unmatched)?,
+        );
+    }
+    let mut preface = [0u8; H2_PREFACE.len()];
+    io.read_exact(&mut preface)
+        .await
+        .map_err(|_| Refused::Handshake)?;
+    if &preface != H2_PREFACE {
+        return Err(Refused::Handshake);
+    }
+    let limits = *acceptor.budgets.limits();
+    let calls = permits.iter().map(Permit::calls).collect();
+    let conn = Arc::new(Connection::new(identity, calls));
+    Ok(PeerStream {
+        io,
+        replayed: 0,
+        idle: Box::pin(tokio::time::sleep(limits.first_call_timeout)),
+        conn,
+        limits,
+        _permits: permits,
+        _global: global,
+    })
+}
+
+/// Counts each call against its connection's budgets: a call over its user's budget waits, unread, until
+/// one of that user's calls finishes (or the call's deadline passes).
+#[derive(Clone)]
+pub struct CallLimit<S> {
+    inner: S,
+}
+
+/// The [`tower::Layer`] of [`CallLimit`].
+#[derive(Clone, Copy, Default)]
+pub struct CallLimitLayer;
+
+impl<S> tower::Layer<S> for CallLimitLayer {
+    type Service = CallLimit<S>;
+
+    fn layer(&self, inner: S) -> CallLimit<S> {
+        CallLimit { inner }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for CallLimit<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let conn = request.extensions().get::<Arc<Connection>>().cloned();
+        // Ready now (poll_ready said so); the call itself runs once a slot is free.
+        let inner = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, inner);
+        Box::pin(async move {
+            let call = match &conn {
+                Some(conn) => Some(conn.start_call().await),
+                None => None,
+            };
+            let mut inner = inner;
+            let r = inner.call(request).await;
+            drop(call);
+            r
+        })
     }
 }
 
 /// The gRPC server settings the daemon serves with: at most [`MAX_STREAMS_PER_CONNECTION`] concurrent calls
-/// per connection, HTTP/2 keep-alives, a 120 s bound on any call. (The benchmark's floor server uses the same.)
+/// per connection, small HTTP/2 flow-control windows ([`STREAM_WINDOW`], [`CONNECTION_WINDOW`]) and header
+/// lists ([`MAX_HEADER_LIST`]) so a connection buffers little, HTTP/2 keep-alives, and a 120 s bound on any
+/// call. (The benchmark's floor server uses the same.)
 pub fn builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .timeout(Duration::from_secs(120))
 }
 
 /// Serves `broker`, gRPC health (`grpc.health.v1.Health`, reported through `health`) and server reflection
-/// on `listener` until `shutdown` completes, then stops accepting and lets in-flight calls finish.
+/// on `listener` under `limits` until `shutdown` completes, then stops accepting and lets in-flight calls
+/// finish.
 ///
 /// # Errors
 /// tonic's transport error, or a reflection set-up error.
 pub async fn serve(
     listener: UnixListener,
     broker: Arc<Broker>,
+    limits: Limits,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -220,11 +564,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = tokio::spawn(accept_loop(listener, tx));
+    let acceptor = Arc::new(Acceptor {
+        budgets: Budgets::new(limits),
+        global: Arc::new(Semaphore::new(limits.max_connections)),
+        broker: broker.clone(),
+        refused: RefusedLog::default(),
+    });
+    let acceptor = tokio::spawn(accept_loop(listener, acceptor, tx));
     let service = TokenBrokerServer::from_arc(broker)
         .max_decoding_message_size(MAX_MESSAGE_LEN)
-        .max_encoding_message_size(MAX_MESSAGE_LEN);
+        .max_encoding_message_size(MAX_RESPONSE_LEN);
     let result = builder()
+        .layer(CallLimitLayer)
         .add_service(service)
         .add_service(health)
         .add_service(reflection)

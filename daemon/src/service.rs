@@ -92,6 +92,8 @@ pub struct Broker {
     upstream: Upstream,
     cache: TokenCache,
     proc_root: Arc<Path>,
+    /// Denials logged per uid up to a rate.
+    pub denials: audit::Denials,
 }
 
 impl Broker {
@@ -107,6 +109,7 @@ impl Broker {
             Arc::new(fetcher),
             CacheConfig {
                 max_entries: config.daemon.max_cached_tokens,
+                max_bytes: config.daemon.max_cache_bytes,
                 default_min_ttl: config.daemon.default_min_ttl,
                 ..CacheConfig::default()
             },
@@ -120,11 +123,23 @@ impl Broker {
             upstream,
             cache,
             proc_root: proc_root.into(),
+            denials: audit::Denials::default(),
         }
     }
 
     fn state(&self) -> Arc<State> {
         read(&self.state).clone()
+    }
+
+    /// Where `/proc` is (`/proc` outside tests).
+    pub fn proc_root(&self) -> Arc<Path> {
+        self.proc_root.clone()
+    }
+
+    /// Whether any policy matches `caller`: a caller no policy matches shares a small connection budget
+    /// with every other such caller.
+    pub fn is_known(&self, caller: &Caller) -> bool {
+        self.state().config.policies.matches_any(caller)
     }
 
     /// Applies a new config: the new clients serve new fetches, cached tokens of clients whose endpoint or
@@ -156,7 +171,7 @@ impl Broker {
             need_restart.push("daemon.log_format");
         }
         self.cache
-            .reconfigure(n.max_cached_tokens, n.default_min_ttl);
+            .reconfigure(n.max_cached_tokens, n.max_cache_bytes, n.default_min_ttl);
         let limiter = if o.rate_limit == n.rate_limit {
             old.limiter.clone()
         } else {
@@ -188,7 +203,6 @@ impl Broker {
             })?;
         let caller = conn
             .caller(&self.proc_root)
-            .await
             .map_err(Error::Unauthenticated)?;
         Ok((conn, caller))
     }
@@ -201,14 +215,15 @@ impl Broker {
             Ok(c) => c,
             Err(e) => {
                 let r = request.get_ref();
-                audit::denied(None, &r.client, &r.scopes, &e);
+                self.denials.denied(None, &r.client, &r.scopes, &e);
                 return Err(e);
             }
         };
         let req = request.into_inner();
         let state = self.state();
         let deny = |e: Error| {
-            audit::denied(Some(&caller), &req.client, &req.scopes, &e);
+            self.denials
+                .denied(Some(&caller), &req.client, &req.scopes, &e);
             e
         };
         if req.client.len() > MAX_CLIENT_NAME {
@@ -323,8 +338,10 @@ fn log_upstream_failure(client: &str, scopes: &ScopeSet, e: &UpstreamError) {
             client,
             scopes = %scopes,
             status,
-            error = code.as_deref().unwrap_or(""),
-            description = description.as_deref().unwrap_or(""),
+            error = crate::text::clip(code.as_deref().unwrap_or("")).to_string().as_str(),
+            description = crate::text::clip_at(description.as_deref().unwrap_or(""), 400)
+                .to_string()
+                .as_str(),
             "the IdP refused the token request"
         ),
         U::ScopeTooWide { extra } => tracing::warn!(

@@ -7,6 +7,8 @@
 //!   peer at the time it connected.
 //! - [`pidfd_exited`]: whether the process behind a pidfd has exited, which makes PID reuse harmless.
 //! - [`take_listen_fd`]: the listening socket systemd passes by socket activation (`LISTEN_FDS`).
+//! - [`euid`], [`raise_nofile`], [`bind_with_mode`]: the effective uid; the open file limit raised to its
+//!   hard limit; a socket bound with its permission bits set by the umask, atomically.
 //! - [`user_name`], [`group_name`], [`group_id`]: NSS look-ups (`getpwuid_r`, `getgrgid_r`, `getgrnam_r`), so
 //!   users from LDAP or sssd are named like local ones.
 #![allow(unsafe_code)]
@@ -152,6 +154,61 @@ pub fn peer_groups(socket: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
         }
         return Err(err);
     }
+}
+
+/// The process's effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit: the daemon sizes its
+/// connection budget from it.
+///
+/// # Errors
+/// The kernel's error from `getrlimit` (a failed raise keeps and returns the old soft limit).
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads a valid rlimit struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Binds a Unix stream socket at `path` whose permission bits are `mode` from the moment it exists: the
+/// umask is set to the complement of `mode` around `bind(2)`, so no later `chmod` by path (which a symlink
+/// swapped in could redirect) is needed.
+///
+/// The umask is process-wide: call this before other threads create files (the daemon binds before its
+/// runtime starts).
+///
+/// # Errors
+/// `bind(2)`'s error.
+pub fn bind_with_mode(
+    path: &std::path::Path,
+    mode: u32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    let mask = !mode & 0o777;
+    // SAFETY: umask takes and returns plain integers.
+    let old = unsafe { libc::umask(mask as libc::mode_t) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    bound
 }
 
 /// The first file descriptor systemd passes (`SD_LISTEN_FDS_START`).

@@ -109,6 +109,22 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The bytes this error holds beyond its struct, for the cache's byte bound.
+    pub fn weight(&self) -> usize {
+        let text = match self {
+            Self::Network(s)
+            | Self::InvalidResponse(s)
+            | Self::Discovery(s)
+            | Self::Assertion(s) => s.len(),
+            Self::Rejected {
+                code, description, ..
+            } => code.as_ref().map_or(0, String::len) + description.as_ref().map_or(0, String::len),
+            Self::ScopeTooWide { extra } => extra.iter().map(|e| e.len() + 24).sum(),
+            Self::Timeout(_) | Self::Server { .. } | Self::RateLimited { .. } => 0,
+        };
+        std::mem::size_of::<Self>() + text
+    }
+
     /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts).
     pub fn is_transient(&self) -> bool {
         matches!(

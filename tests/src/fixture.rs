@@ -60,6 +60,7 @@ socket = "{socket}"
 [clients.idp]
 token_url = "{url}"
 client_id = "broker"
+allow_http = true
 client_secret = {{ file = "{dir}/idp.secret" }}
 timeout = "2s"
 {client_extra}

@@ -150,6 +150,7 @@ async fn malformed_and_refused_requests_get_their_status_and_cost_the_idp_nothin
 [clients.other]
 token_url = "http://127.0.0.1:9/token"
 client_id = "x"
+allow_http = true
 client_secret = { file = "SECRET_FILE" }
 "#;
     let tail = tail.replace(
@@ -371,31 +372,50 @@ async fn a_peer_the_daemon_cannot_see_is_unauthenticated() {
 
 #[tokio::test]
 async fn garbage_and_hundreds_of_idle_connections_do_not_stop_the_daemon_serving_others() {
-    use tokio::io::AsyncWriteExt;
+    // Another uid holds idle, garbage and half-finished connections (more than its budget lets it keep).
     let s = Setup::new().await;
     let d = s.daemon().await;
-    let mut idle = Vec::new();
-    for i in 0..300 {
-        let mut conn = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-        match i % 3 {
-            0 => {}
-            1 => conn
-                .write_all(b"\x00\xffGARBAGE\r\n\r\n not http/2 at all")
-                .await
-                .unwrap(),
-            _ => conn
-                .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00")
-                .await
-                .unwrap(),
-        }
-        idle.push(conn);
-    }
+    let garbage = r"
+import socket, sys
+sent = [b'', b'\x00\xffGARBAGE\r\n\r\n not http/2 at all', b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00']
+conns = []
+for i in range(300):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(sent[i % 3])
+    except OSError:
+        pass  # over its uid's budget: closed at once
+    conns.append(s)
+print('ready', flush=True)
+sys.stdin.readline()
+";
+    let mut idle = tokio::process::Command::new("/usr/bin/python3")
+        .args(["-c", garbage])
+        .arg(&d.socket)
+        .uid(NOBODY.0)
+        .gid(NOBODY.1)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = tokio::io::BufReader::new(idle.stdout.take().unwrap());
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
     let mut c = d.client().await;
     let t = c.token(["scim:read"]).await.unwrap();
     assert_eq!(t.access_token().expose_secret(), s.idp.issued_tokens()[0]);
+    drop(idle);
     let out = d.cli(Some(NOBODY), &["token", "scim:read"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    drop(idle);
     assert_eq!(
         token_text(&mut c, &["scim:read"]).await,
         s.idp.issued_tokens()[0]
@@ -410,6 +430,7 @@ async fn nothing_the_daemon_prints_at_trace_level_contains_a_secret_or_a_token()
 [clients.post]
 token_url = "{url}"
 client_id = "broker"
+allow_http = true
 client_secret = {{ file = "{dir}/idp.secret" }}
 auth_method = "client_secret_post"
 
@@ -541,6 +562,7 @@ socket_mode = "rwx"
 [clients.idp]
 token_url = "{url}"
 client_id = "broker"
+allow_http = true
 client_secret = "a-literal-secret-in-the-file"
 timeout = "soon"
 

@@ -60,17 +60,20 @@ socket = "{socket}"
 [clients.basic]
 token_url = "{t}"
 client_id = "cb-basic"
+allow_http = true
 client_secret = {{ file = "{secret}" }}
 
 [clients.post]
 token_url = "{t}"
 client_id = "cb-post"
+allow_http = true
 client_secret = {{ file = "{secret}" }}
 auth_method = "client_secret_post"
 
 [clients.es256]
 issuer = "{i}"
 client_id = "cb-es256"
+allow_http = true
 auth_method = "private_key_jwt"
 private_key = {{ file = "{es}" }}
 key_id = "{es_kid}"
@@ -79,6 +82,7 @@ key_id = "{es_kid}"
 token_url = "{t}"
 issuer = "{i}"
 client_id = "cb-rs256"
+allow_http = true
 auth_method = "private_key_jwt"
 private_key = {{ file = "{rs}" }}
 assertion_audience = "issuer"
@@ -86,22 +90,26 @@ assertion_audience = "issuer"
 [clients.api]
 token_url = "{t}"
 client_id = "cb-api"
+allow_http = true
 client_secret = {{ file = "{secret}" }}
 extra_params = {{ resource = "{RESOURCE}" }}
 
 [clients.discovered]
 issuer = "{i}"
 client_id = "cb-basic"
+allow_http = true
 client_secret = {{ file = "{secret}" }}
 
 [clients.wrong]
 token_url = "{t}"
 client_id = "cb-basic"
+allow_http = true
 client_secret = {{ file = "{wrong}" }}
 
 [clients.mismatch]
 issuer = "{mismatch}"
 client_id = "cb-basic"
+allow_http = true
 client_secret = {{ file = "{secret}" }}
 
 [[policy]]

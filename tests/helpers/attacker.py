@@ -1,0 +1,263 @@
+"""A hostile local user: raw Unix sockets and hand-made HTTP/2 frames against credbrokerd.
+
+Run as the attacking uid. Each mode prints one line of JSON with what it managed, then (for the modes that hold
+connections) waits for a line on stdin before letting go, so the test can check the daemon meanwhile.
+
+usage: attacker.py SOCKET MODE [ARGS...]
+  streams N       N connections; on each, as many streams as it will take, every one an unfinished gRPC message
+                  of the largest size allowed (as much of the body as flow control lets through, never the end)
+  idle N          N connections that send nothing
+  preface N       N connections that send the HTTP/2 preface and nothing else
+  attempts N      N connections opened one after another, each kept while the daemon keeps it
+  exec-swap PROG  connect and complete the HTTP/2 preface; fork a child that waits until this process has
+                  exec'd PROG, then asks for a token over the inherited connection and prints "granted" or
+                  "refused"; this process execs PROG (with no arguments but a short sleep for /bin/sleep)
+  call            (positive control of exec-swap) the same call, made by a forked child of the process that
+                  connected, which execs nothing
+  call-then-idle  one call on a fresh connection, then wait: prints how many seconds until the daemon closed it
+The token calls ask for the scope in $SCOPE (default scim:read).
+"""
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+MAX_MESSAGE = 20 * 1024
+DEADLINE = time.monotonic() + 60
+
+
+def frame(kind, flags, stream, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def literal(name, value):
+    """HPACK literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
+    def string(s):
+        assert len(s) < 127
+        return bytes([len(s)]) + s
+    return b"\x00" + string(name) + string(value)
+
+
+def headers(path):
+    block = b"".join(
+        literal(n, v)
+        for n, v in [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path),
+            (b":authority", b"localhost"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+    )
+    return block
+
+
+GET_TOKEN = b"/credbroker.v1.TokenBroker/GetToken"
+
+
+def get_token_message(scope):
+    # GetTokenRequest { scopes: [scope] }: field 1, wire type 2.
+    body = b"\x0a" + bytes([len(scope)]) + scope
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+def connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def send(s, data):
+    try:
+        s.sendall(data)
+        return True
+    except OSError:
+        return False
+
+
+def served(s):
+    """Whether the daemon serves the connection: it answers a preface with its SETTINGS, and closes at once a
+    connection over a limit (or sends GOAWAY to one that broke the protocol). Waits (boundedly) for an answer."""
+    try:
+        r, _, _ = select.select([s], [], [], 10)
+        if not r:
+            return False
+        s.setblocking(False)
+        buf = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                return False
+            buf += chunk
+        s.setblocking(True)
+        while len(buf) >= 9:
+            if buf[3] == 7:  # GOAWAY
+                return False
+            buf = buf[9 + int.from_bytes(buf[:3], "big"):]
+        return True
+    except OSError:
+        return False
+
+
+def hold(conns, report):
+    report["held"] = sum(1 for c in conns if served(c))
+    print(json.dumps(report), flush=True)
+    sys.stdin.readline()
+
+
+def streams(path, n):
+    """Stays within the protocol, as an attacker who wants to keep what it holds would: 16 streams (the most
+    the daemon allows on a connection) and, on each, the start of a message that declares the largest size
+    allowed, within the connection's 64 KiB flow-control window."""
+    conns, streams_sent = [], 0
+    unfinished = b"\x00" + struct.pack(">I", MAX_MESSAGE) + b"s" * 3000
+    for _ in range(n):
+        try:
+            s = connect(path)
+        except OSError:
+            continue
+        ok = send(s, PREFACE + frame(4, 0, 0, b""))
+        for i in range(16):
+            if not ok:
+                break
+            sid = 1 + 2 * i
+            ok = send(s, frame(1, 4, sid, headers(GET_TOKEN)) + frame(0, 0, sid, unfinished))
+            if ok:
+                streams_sent += 1
+        conns.append(s)
+    hold(conns, {"connections": len(conns), "streams": streams_sent})
+
+
+def idle(path, n, preface):
+    conns = []
+    for _ in range(n):
+        try:
+            s = connect(path)
+            if preface:
+                send(s, PREFACE)
+            conns.append(s)
+        except OSError:
+            pass
+    hold(conns, {"connections": len(conns)})
+
+
+def attempts(path, n):
+    held, pending, made = [], [], 0
+    for _ in range(n):
+        try:
+            s = connect(path)
+            send(s, PREFACE)
+            pending.append(s)
+            made += 1
+        except OSError:
+            pass
+        if len(pending) >= 256:
+            held += [c for c in pending if served(c) or c.close()]
+            pending = []
+    held += [c for c in pending if served(c) or c.close()]
+    print(json.dumps({"attempts": made, "held": len(held)}), flush=True)
+    sys.stdin.readline()
+
+
+def read_frames(s):
+    """Frames until stream 1 ends: (data bytes seen on stream 1, ended)."""
+    buf, data = b"", 0
+    while time.monotonic() < DEADLINE:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data, False
+        buf += chunk
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            kind, flags, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            buf = buf[9 + length:]
+            if sid == 1 and kind == 0:
+                data += length
+            if sid == 1 and flags & 1 and kind in (0, 1):
+                return data, True
+            if kind == 3 and sid == 1:  # RST_STREAM
+                return data, True
+    return data, False
+
+
+def call_on(s):
+    s.settimeout(20)
+    scope = os.environ.get("SCOPE", "scim:read").encode()
+    send(s, frame(4, 0, 0, b"") + frame(1, 4, 1, headers(GET_TOKEN)) + frame(0, 1, 1, get_token_message(scope)))
+    data, ended = read_frames(s)
+    return "granted" if data > 0 else ("refused" if ended else "no answer")
+
+
+def exec_swap(path, prog):
+    s = connect(path)
+    send(s, PREFACE)
+    # The daemon answers the preface with its SETTINGS only once the connection is accepted and identified.
+    select.select([s], [], [], 10)
+    os.set_inheritable(s.fileno(), True)
+    parent = os.getpid()
+    if os.fork() == 0:
+        want = os.path.realpath(prog)
+        while os.readlink(f"/proc/{parent}/exe") != want and time.monotonic() < DEADLINE:
+            time.sleep(0.01)
+        print(json.dumps({"result": call_on(s)}), flush=True)
+        os._exit(0)
+    os.execv(prog, [prog, "30"])
+
+
+def call(path):
+    s = connect(path)
+    send(s, PREFACE)
+    select.select([s], [], [], 10)
+    pid = os.fork()
+    if pid == 0:
+        print(json.dumps({"result": call_on(s)}), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def call_then_idle(path):
+    s = connect(path)
+    send(s, PREFACE)
+    result = call_on(s)
+    start = time.monotonic()
+    s.settimeout(30)
+    try:
+        while s.recv(65536):
+            pass
+    except OSError:
+        pass
+    print(json.dumps({"result": result, "closed_after": time.monotonic() - start}), flush=True)
+
+
+def main():
+    path, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if mode == "streams":
+        streams(path, int(args[0]))
+    elif mode == "idle":
+        idle(path, int(args[0]), False)
+    elif mode == "preface":
+        idle(path, int(args[0]), True)
+    elif mode == "attempts":
+        attempts(path, int(args[0]))
+    elif mode == "exec-swap":
+        exec_swap(path, args[0])
+    elif mode == "call":
+        call(path)
+    elif mode == "call-then-idle":
+        call_then_idle(path)
+    else:
+        sys.exit(f"unknown mode {mode}")
+
+
+main()
