@@ -77,18 +77,30 @@ impl Connection {
         }
     }
 
-    /// The caller, checked for this call: the process that connected is still alive and still runs the
-    /// executable it ran at accept. Cheap: a `poll` of the pidfd and, when the executable is known, a `stat`.
+    fn identity(&self) -> Result<&Identity, PeerError> {
+        self.identity
+            .as_ref()
+            .map_err(|e| PeerError::Credentials(std::io::Error::other(e.clone())))
+    }
+
+    /// The caller, checked for this call: the process that connected is still alive (a `poll` of its pidfd).
     ///
     /// # Errors
     /// [`PeerError`] when the identity could not be established at accept, or no longer holds.
-    pub fn caller(&self, proc_root: &Path) -> Result<Arc<Caller>, PeerError> {
-        let id = self
-            .identity
-            .as_ref()
-            .map_err(|e| PeerError::Credentials(std::io::Error::other(e.clone())))?;
-        id.cred.check(&id.caller, proc_root)?;
+    pub fn caller(&self) -> Result<Arc<Caller>, PeerError> {
+        let id = self.identity()?;
+        id.cred.ensure_alive()?;
         Ok(id.caller.clone())
+    }
+
+    /// Checks that the process that connected still runs the executable it ran at accept: for decisions that
+    /// depend on it (policies that match `exe`).
+    ///
+    /// # Errors
+    /// [`PeerError::ExeChanged`] and the like.
+    pub fn check_exe(&self, proc_root: &Path) -> Result<(), PeerError> {
+        let id = self.identity()?;
+        id.cred.check_exe(&id.caller, proc_root)
     }
 
     /// Starts a call, waiting while the connection's user has as many calls in flight as allowed. The

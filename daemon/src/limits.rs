@@ -35,15 +35,17 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
+/// Descriptors a connection costs: its socket, the peer's pidfd, and the duplicate its idle watchdog holds.
+pub const FDS_PER_CONNECTION: u64 = 3;
+
 /// Descriptors kept for everything but connections: the IdP's connections, config and secret files, the
 /// runtime's own.
 pub const RESERVED_FDS: u64 = 256;
 
 impl Limits {
-    /// Limits for a process allowed `nofile` open descriptors: each connection costs two (its socket and the
-    /// peer's pidfd).
+    /// Limits for a process allowed `nofile` open descriptors: each connection costs [`FDS_PER_CONNECTION`].
     pub fn new(nofile: u64, per_uid_connections: usize, idle_timeout: Duration) -> Self {
-        let max_connections = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / 2)
+        let max_connections = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION)
             .unwrap_or(usize::MAX)
             .max(8);
         Self {
@@ -169,9 +171,10 @@ mod tests {
     #[test]
     fn the_connection_budget_comes_from_the_descriptor_limit() {
         let l = Limits::new(1024, 64, IDLE_TIMEOUT);
-        assert_eq!(l.max_connections, (1024 - 256) / 2);
+        assert_eq!(l.max_connections, (1024 - 256) / 3);
         // A tiny limit still serves a few connections, and no uid may hold more than all of them.
         let tiny = Limits::new(100, 64, IDLE_TIMEOUT);
+        assert_eq!(tiny.max_connections, 8, "never fewer than 8");
         assert_eq!(tiny.max_connections, 8);
         assert_eq!(tiny.per_uid_connections, 8);
     }

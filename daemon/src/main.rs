@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(config.daemon.log_format);
-    // Each connection costs two descriptors (its socket and the peer's pidfd): take all the kernel allows.
+    // Each connection costs three descriptors (see limits::FDS_PER_CONNECTION): take all the kernel allows.
     let nofile = match sys::raise_nofile() {
         Ok(n) => n,
         Err(e) => {

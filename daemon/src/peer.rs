@@ -201,12 +201,13 @@ impl PeerCred {
         })
     }
 
-    /// Checks, for a call, that `caller` (what [`identify`](Self::identify) made of this peer) still holds: the
-    /// process that connected is alive and runs the same executable file as then.
+    /// Checks that the process that connected is alive and still runs the executable file it ran when
+    /// [`identify`](Self::identify) made `caller` of it. A `stat` of `/proc/<pid>/exe`: callers pay it only when
+    /// a decision depends on the executable.
     ///
     /// # Errors
     /// [`PeerError::Exited`], [`PeerError::ExeChanged`], or why `/proc/<pid>/exe` could no longer be read.
-    pub fn check(&self, caller: &Caller, proc_root: &Path) -> Result<(), PeerError> {
+    pub fn check_exe(&self, caller: &Caller, proc_root: &Path) -> Result<(), PeerError> {
         let pid = self.ensure_alive()?;
         if let Some(id) = caller.exe_id {
             let path = proc_root.join(pid.to_string()).join("exe");
@@ -449,14 +450,14 @@ mod tests {
             Some(FileId::of(&std::env::current_exe().unwrap()).unwrap())
         );
         assert_eq!(caller.gids[0], caller.gid);
-        assert!(cred.check(&caller, Path::new("/proc")).is_ok());
+        assert!(cred.check_exe(&caller, Path::new("/proc")).is_ok());
         // Another executable than the one seen at accept is refused.
         let other = Caller {
             exe_id: Some(FileId::of(Path::new("/bin/sh")).unwrap()),
             ..caller
         };
         assert!(matches!(
-            cred.check(&other, Path::new("/proc")),
+            cred.check_exe(&other, Path::new("/proc")),
             Err(PeerError::ExeChanged { .. })
         ));
     }

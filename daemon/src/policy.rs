@@ -137,6 +137,9 @@ pub struct Allowed {
     pub client: String,
     /// The names of the policies that allowed at least one of the scopes.
     pub policies: Vec<String>,
+    /// Whether one of those policies matched on the caller's executable: then the decision holds only while
+    /// the process still runs that executable.
+    pub by_exe: bool,
 }
 
 /// The policies of a config, in order.
@@ -231,6 +234,7 @@ impl PolicySet {
             });
         }
         let mut policies = Vec::new();
+        let mut by_exe = false;
         for scope in scopes.iter() {
             let Some(p) = for_client.iter().find(|p| p.allows(scope)) else {
                 return Err(Refusal::ScopeNotAllowed {
@@ -241,9 +245,14 @@ impl PolicySet {
             };
             if !policies.contains(&p.name) {
                 policies.push(p.name.clone());
+                by_exe |= p.matcher.exe.is_some();
             }
         }
-        Ok(Allowed { client, policies })
+        Ok(Allowed {
+            client,
+            policies,
+            by_exe,
+        })
     }
 
     /// What the caller may request: for each client its matching policies name, the allowed scope patterns.
@@ -389,6 +398,10 @@ mod tests {
         assert!(!m(&gone).matches(&c));
         let ps = PolicySet::new(vec![policy("p", m(&gone), &["idp"], &["x"])]);
         assert_eq!(ps.unseen_exes()[0].0, gone);
+        // A decision that rests on the executable says so (the service then re-checks it for the call).
+        let ps = PolicySet::new(vec![policy("p", m(&allowed), &["idp"], &["x"])]);
+        let ok = ps.authorize(&c, "", &set(&["x"]), known).unwrap();
+        assert!(ok.by_exe);
         // A caller whose executable could not be read matches no exe policy.
         c.exe_id = None;
         assert!(!m(&allowed).matches(&c));
@@ -421,6 +434,7 @@ mod tests {
             .unwrap();
         assert_eq!(ok.client, "idp");
         assert_eq!(ok.policies, ["mgt", "read"]);
+        assert!(!ok.by_exe, "no policy matched on the executable");
         let err = ps
             .authorize(&c, "idp", &set(&["scim:read", "scim:write"]), known)
             .unwrap_err();

@@ -10,6 +10,7 @@
 //! bounded.
 
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -208,18 +209,49 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// An accepted connection with its per-connection state, handed to tonic.
 ///
-/// It replays the preface the daemon read to check the protocol, and closes the connection (a read error)
-/// once it has been idle longer than allowed: no call for [`Limits::first_call_timeout`] after it opened, or
-/// none in flight for [`Limits::idle_timeout`].
+/// It replays the preface the daemon read to check the protocol. Its watchdog closes it once it has been
+/// idle longer than allowed; dropping the stream stops the watchdog.
 struct PeerStream {
     io: UnixStream,
     /// How much of [`H2_PREFACE`] has been replayed.
     replayed: usize,
     conn: Arc<Connection>,
-    limits: Limits,
-    idle: Pin<Box<tokio::time::Sleep>>,
+    _watchdog: AbortOnDrop,
     _permits: Vec<Permit>,
     _global: OwnedSemaphorePermit,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Shuts the connection down (both ways, so the server's reads end) once it is idle past its deadline: no
+/// call for [`Limits::first_call_timeout`] after it opened, or none in flight for [`Limits::idle_timeout`].
+/// A task of its own, so the serving path pays nothing for it. `socket` is a duplicate of the connection's
+/// descriptor.
+async fn watchdog(conn: std::sync::Weak<Connection>, socket: std::os::fd::OwnedFd, limits: Limits) {
+    let mut at = Instant::now() + limits.first_call_timeout;
+    loop {
+        tokio::time::sleep_until(at).await;
+        let Some(conn) = conn.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        match conn.idle_deadline(limits.first_call_timeout, limits.idle_timeout) {
+            Some(deadline) if deadline <= now => {
+                tracing::debug!("closing a connection idle for too long");
+                let _ = std::os::unix::net::UnixStream::from(socket).shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            Some(deadline) => at = deadline,
+            None => at = now + limits.idle_timeout,
+        }
+    }
 }
 
 impl Connected for PeerStream {
@@ -243,28 +275,7 @@ impl AsyncRead for PeerStream {
             this.replayed += n;
             return Poll::Ready(Ok(()));
         }
-        if let Poll::Ready(r) = Pin::new(&mut this.io).poll_read(cx, buf) {
-            return Poll::Ready(r);
-        }
-        // Nothing to read: is the connection past its idle deadline?
-        while this.idle.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            let limits = &this.limits;
-            match this
-                .conn
-                .idle_deadline(limits.first_call_timeout, limits.idle_timeout)
-            {
-                Some(at) if at <= now => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "connection idle for too long",
-                    )));
-                }
-                Some(at) => this.idle.as_mut().reset(at),
-                None => this.idle.as_mut().reset(now + limits.idle_timeout),
-            }
-        }
-        Poll::Pending
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -461,12 +472,13 @@ async fn handshake(
     let limits = *acceptor.budgets.limits();
     let calls = permits.iter().map(Permit::calls).collect();
     let conn = Arc::new(Connection::new(identity, calls));
+    let socket = io.as_fd().try_clone_to_owned().map_err(|_| Refused::Handshake)?;
+    let watchdog = tokio::spawn(watchdog(Arc::downgrade(&conn), socket, limits));
     Ok(PeerStream {
         io,
         replayed: 0,
-        idle: Box::pin(tokio::time::sleep(limits.first_call_timeout)),
         conn,
-        limits,
+        _watchdog: AbortOnDrop(watchdog),
         _permits: permits,
         _global: global,
     })

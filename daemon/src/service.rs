@@ -201,9 +201,7 @@ impl Broker {
                     "not a Unix socket peer",
                 )))
             })?;
-        let caller = conn
-            .caller(&self.proc_root)
-            .map_err(Error::Unauthenticated)?;
+        let caller = conn.caller().map_err(Error::Unauthenticated)?;
         Ok((conn, caller))
     }
 
@@ -249,6 +247,10 @@ impl Broker {
                 state.config.clients.contains_key(c)
             })
             .map_err(|r| deny(Error::Refused(r)))?;
+        if allowed.by_exe {
+            conn.check_exe(&self.proc_root)
+                .map_err(|e| deny(Error::Unauthenticated(e)))?;
+        }
         let client = state.config.clients[&allowed.client].clone();
 
         let key = CacheKey {
@@ -298,7 +300,9 @@ impl Broker {
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<pb::WhoAmIResponse, Error> {
-        let (_, caller) = self.caller(&request).await?;
+        let (conn, caller) = self.caller(&request).await?;
+        conn.check_exe(&self.proc_root)
+            .map_err(Error::Unauthenticated)?;
         let grants = self
             .state()
             .config
