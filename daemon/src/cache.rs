@@ -661,7 +661,11 @@ impl Inner {
         let mut st = slot.state();
         st.inflight = None;
         match result {
-            Ok(issued) => {
+            Ok(mut issued) => {
+                // The usual case, the requested set granted: keep one copy of it.
+                if issued.granted == slot.key.scopes {
+                    issued.granted = slot.key.scopes.clone();
+                }
                 let token = Arc::new(CachedToken::new(issued, &self.config()));
                 let previous = slot
                     .token

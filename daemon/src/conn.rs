@@ -24,7 +24,8 @@ pub struct Identity {
 /// Per-connection state, shared by every call on the connection.
 pub struct Connection {
     identity: Result<Identity, String>,
-    /// The budgets calls count against: the uid's, and the unmatched share's when no policy matched.
+    /// The budgets calls count against: the uid's, and the unmatched share's when no policy matched (at most
+    /// two).
     calls: Vec<Arc<Semaphore>>,
     activity: Activity,
     /// Grants made on this connection, for the audit log.
@@ -43,7 +44,8 @@ struct Activity {
 /// A call in flight: counted against the connection's budgets until dropped.
 pub struct Call {
     conn: Arc<Connection>,
-    _permits: Vec<OwnedSemaphorePermit>,
+    /// The uid's slot, and the unmatched budget's when no policy matched.
+    _permits: [Option<OwnedSemaphorePermit>; 2],
 }
 
 impl Drop for Call {
@@ -111,13 +113,11 @@ impl Connection {
         a.called.store(true, Ordering::Relaxed);
         let mut call = Call {
             conn: self.clone(),
-            _permits: Vec::with_capacity(self.calls.len()),
+            _permits: [None, None],
         };
-        for calls in &self.calls {
+        for (slot, calls) in call._permits.iter_mut().zip(&self.calls) {
             // The semaphores are never closed.
-            if let Ok(p) = calls.clone().acquire_owned().await {
-                call._permits.push(p);
-            }
+            *slot = calls.clone().acquire_owned().await.ok();
         }
         call
     }

@@ -45,9 +45,10 @@ pub const RESERVED_FDS: u64 = 256;
 impl Limits {
     /// Limits for a process allowed `nofile` open descriptors: each connection costs [`FDS_PER_CONNECTION`].
     pub fn new(nofile: u64, per_uid_connections: usize, idle_timeout: Duration) -> Self {
-        let max_connections = usize::try_from(nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION)
-            .unwrap_or(usize::MAX)
-            .max(8);
+        let max_connections =
+            usize::try_from(nofile.saturating_sub(RESERVED_FDS) / FDS_PER_CONNECTION)
+                .unwrap_or(usize::MAX)
+                .max(8);
         Self {
             max_connections,
             per_uid_connections: per_uid_connections.min(max_connections),

@@ -130,6 +130,13 @@ impl fmt::Debug for ScopeSet {
     }
 }
 
+impl ScopeSet {
+    /// Whether both share one allocation (a clone of the other).
+    pub fn same_allocation(&self, other: &ScopeSet) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl fmt::Display for ScopeSet {
     /// For logs: the scopes space-separated, cut after [`crate::text::SHOWN`] characters with counts.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -245,7 +245,8 @@ async fn watchdog(conn: std::sync::Weak<Connection>, socket: std::os::fd::OwnedF
         match conn.idle_deadline(limits.first_call_timeout, limits.idle_timeout) {
             Some(deadline) if deadline <= now => {
                 tracing::debug!("closing a connection idle for too long");
-                let _ = std::os::unix::net::UnixStream::from(socket).shutdown(std::net::Shutdown::Both);
+                let _ =
+                    std::os::unix::net::UnixStream::from(socket).shutdown(std::net::Shutdown::Both);
                 return;
             }
             Some(deadline) => at = deadline,
@@ -472,7 +473,10 @@ async fn handshake(
     let limits = *acceptor.budgets.limits();
     let calls = permits.iter().map(Permit::calls).collect();
     let conn = Arc::new(Connection::new(identity, calls));
-    let socket = io.as_fd().try_clone_to_owned().map_err(|_| Refused::Handshake)?;
+    let socket = io
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|_| Refused::Handshake)?;
     let watchdog = tokio::spawn(watchdog(Arc::downgrade(&conn), socket, limits));
     Ok(PeerStream {
         io,

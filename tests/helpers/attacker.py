@@ -9,6 +9,7 @@ usage: attacker.py SOCKET MODE [ARGS...]
   idle N          N connections that send nothing
   preface N       N connections that send the HTTP/2 preface and nothing else
   attempts N      N connections opened one after another, each kept while the daemon keeps it
+  attempts-for S  the same, for S seconds (reports at once, then attacks until then; for benchmarks)
   exec-swap PROG  connect and complete the HTTP/2 preface; fork a child that waits until this process has
                   exec'd PROG, then asks for a token over the inherited connection and prints "granted" or
                   "refused"; this process execs PROG (with no arguments but a short sleep for /bin/sleep)
@@ -168,6 +169,24 @@ def attempts(path, n):
     sys.stdin.readline()
 
 
+def attempts_for(path, seconds):
+    print(json.dumps({"started": True}), flush=True)
+    end = time.monotonic() + seconds
+    held, made = [], 0
+    while time.monotonic() < end:
+        pending = []
+        for _ in range(256):
+            try:
+                s = connect(path)
+                send(s, PREFACE)
+                pending.append(s)
+                made += 1
+            except OSError:
+                pass
+        held += [c for c in pending if served(c) or c.close()]
+    sys.stdin.readline()
+
+
 def read_frames(s):
     """Frames until stream 1 ends: (data bytes seen on stream 1, ended)."""
     buf, data = b"", 0
@@ -250,6 +269,8 @@ def main():
         idle(path, int(args[0]), True)
     elif mode == "attempts":
         attempts(path, int(args[0]))
+    elif mode == "attempts-for":
+        attempts_for(path, float(args[0]))
     elif mode == "exec-swap":
         exec_swap(path, args[0])
     elif mode == "call":

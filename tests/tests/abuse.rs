@@ -225,7 +225,7 @@ fn exe_config(s: &Setup, exe: &Path) -> String {
 }
 
 #[tokio::test]
-async fn a_process_that_execs_an_allowed_program_after_connecting_is_refused() {
+async fn a_process_that_execs_after_connecting_is_judged_by_what_it_was_and_refused_once_changed() {
     let s = Setup::new().await;
     let python = std::fs::canonicalize(PYTHON).unwrap();
     // Control: the program that connected is the allowed one, and a child using its connection is served.
@@ -240,9 +240,23 @@ async fn a_process_that_execs_an_allowed_program_after_connecting_is_refused() {
     );
     d.stop().await;
 
-    // The attack: connect as something else, then exec the allowed program while a child calls.
+    // The attack: connect as something else, then exec the allowed program while a child calls. The daemon
+    // judges the program it saw at accept.
     let sleep = std::fs::canonicalize("/usr/bin/sleep").unwrap();
     let d = Daemon::start(&s.dir, &exe_config(&s, &sleep)).await;
+    let a = attack(
+        &d.socket,
+        NOBODY,
+        &["exec-swap", sleep.to_str().unwrap()],
+        &[("SCOPE", "scim:write")],
+    )
+    .await;
+    assert_eq!(a.report["result"], "refused", "{}", a.report);
+    d.stop().await;
+
+    // The other way round: the allowed program connects, then execs another one (whatever it was made to
+    // run); the call on its connection is refused because the executable changed since accept.
+    let d = Daemon::start(&s.dir, &exe_config(&s, &python)).await;
     let a = attack(
         &d.socket,
         NOBODY,
@@ -255,7 +269,7 @@ async fn a_process_that_execs_an_allowed_program_after_connecting_is_refused() {
         d.log()
             .contains("has executed another program since it connected"),
         "{}",
-        d.log()
+        audit_lines(&d)
     );
     assert_eq!(s.idp.request_count(), 1, "only the control reached the IdP");
 }
