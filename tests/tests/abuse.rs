@@ -355,3 +355,77 @@ async fn a_denial_flood_writes_short_lines_at_a_bounded_rate() {
     .await
     .expect("a deny-suppressed summary");
 }
+
+#[tokio::test]
+async fn the_socket_cannot_be_redirected_nor_removed_from_under_a_successor() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new().await;
+    // A socket directory others may rearrange (writable by all, not sticky) is refused.
+    let open_dir = s.dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = s.config().replace(
+        &s.socket().display().to_string(),
+        &open_dir.join("credbroker.sock").display().to_string(),
+    );
+    let path = s.dir.write("open.toml", &config, 0o644);
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(bin("credbrokerd"))
+            .arg("--config")
+            .arg(&path)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not be writable by others"),
+        "{}",
+        stderr(&out)
+    );
+    // Sticky, like /tmp, is fine: nobody else can rename or remove the daemon's entry.
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let sticky = Daemon::start(&s.dir, &config).await;
+    assert_eq!(
+        std::fs::metadata(&sticky.socket)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o666
+    );
+    sticky.stop().await;
+
+    // An old instance still draining must not remove the socket of the instance that replaced it.
+    let old = Daemon::start(&s.dir, &s.config()).await;
+    std::fs::remove_file(&old.socket).unwrap();
+    let new = Daemon::start(&s.dir, &s.config()).await;
+    assert_eq!(old.stop().await.code(), Some(0));
+    assert!(
+        new.socket.exists(),
+        "the old instance removed its successor's socket"
+    );
+    let mut c = new.client().await;
+    token_text(&mut c, &["scim:read"]).await;
+    let socket = new.socket.clone();
+    assert_eq!(new.stop().await.code(), Some(0));
+    assert!(!socket.exists(), "an instance removes its own socket");
+}
+
+#[tokio::test]
+async fn a_policy_exe_the_daemon_cannot_see_is_a_warning_and_matches_nobody() {
+    let s = Setup::new().await;
+    let hidden = s.dir.path().join("not-here");
+    let d = Daemon::start(&s.dir, &exe_config(&s, &hidden)).await;
+    assert!(
+        d.log().contains("cannot see") && d.log().contains("not-here"),
+        "{}",
+        d.log()
+    );
+    let out = d
+        .cli(Some(NOBODY), &["token", "-c", "idp", "scim:write"])
+        .await;
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+}
