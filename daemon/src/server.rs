@@ -575,10 +575,15 @@ pub async fn serve(
     >,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(credbroker_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: grpcurl asks v1 first; Python's grpcio-reflection and older tools know only
+    // v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(credbroker_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
     let (tx, rx) = mpsc::channel(64);
     let acceptor = Arc::new(Acceptor {
         budgets: Budgets::new(limits),
@@ -595,6 +600,7 @@ pub async fn serve(
         .add_service(service)
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();

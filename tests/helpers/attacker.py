@@ -26,60 +26,15 @@ import struct
 import sys
 import time
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+from h2frames import (DATA, END_HEADERS, END_STREAM, GET_TOKEN, HEADERS, PREFACE, SETTINGS, Reader, connect,
+                      frame, get_token_message, grpc_headers, literal, send)
+
 MAX_MESSAGE = 20 * 1024
 DEADLINE = time.monotonic() + 60
 
 
-def frame(kind, flags, stream, payload):
-    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
-
-
-def literal(name, value):
-    """HPACK literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
-    def string(s):
-        assert len(s) < 127
-        return bytes([len(s)]) + s
-    return b"\x00" + string(name) + string(value)
-
-
 def headers(path):
-    block = b"".join(
-        literal(n, v)
-        for n, v in [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", path),
-            (b":authority", b"localhost"),
-            (b"content-type", b"application/grpc"),
-            (b"te", b"trailers"),
-        ]
-    )
-    return block
-
-
-GET_TOKEN = b"/credbroker.v1.TokenBroker/GetToken"
-
-
-def get_token_message(scope):
-    # GetTokenRequest { scopes: [scope] }: field 1, wire type 2.
-    body = b"\x0a" + bytes([len(scope)]) + scope
-    return b"\x00" + struct.pack(">I", len(body)) + body
-
-
-def connect(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
-    return s
-
-
-def send(s, data):
-    try:
-        s.sendall(data)
-        return True
-    except OSError:
-        return False
+    return b"".join(literal(n, v) for n, v in grpc_headers(path))
 
 
 def served(s):
@@ -126,12 +81,12 @@ def streams(path, n):
             s = connect(path)
         except OSError:
             continue
-        ok = send(s, PREFACE + frame(4, 0, 0, b""))
+        ok = send(s, PREFACE + frame(SETTINGS, 0, 0, b""))
         for i in range(16):
             if not ok:
                 break
             sid = 1 + 2 * i
-            ok = send(s, frame(1, 4, sid, headers(GET_TOKEN)) + frame(0, 0, sid, unfinished))
+            ok = send(s, frame(HEADERS, END_HEADERS, sid, headers(GET_TOKEN)) + frame(DATA, 0, sid, unfinished))
             if ok:
                 streams_sent += 1
         conns.append(s)
@@ -187,35 +142,12 @@ def attempts_for(path, seconds):
     sys.stdin.readline()
 
 
-def read_frames(s):
-    """Frames until stream 1 ends: (data bytes seen on stream 1, ended)."""
-    buf, data = b"", 0
-    while time.monotonic() < DEADLINE:
-        chunk = s.recv(65536)
-        if not chunk:
-            return data, False
-        buf += chunk
-        while len(buf) >= 9:
-            length = int.from_bytes(buf[:3], "big")
-            if len(buf) < 9 + length:
-                break
-            kind, flags, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
-            buf = buf[9 + length:]
-            if sid == 1 and kind == 0:
-                data += length
-            if sid == 1 and flags & 1 and kind in (0, 1):
-                return data, True
-            if kind == 3 and sid == 1:  # RST_STREAM
-                return data, True
-    return data, False
-
-
 def call_on(s):
     s.settimeout(20)
     scope = os.environ.get("SCOPE", "scim:read").encode()
-    send(s, frame(4, 0, 0, b"") + frame(1, 4, 1, headers(GET_TOKEN)) + frame(0, 1, 1, get_token_message(scope)))
-    data, ended = read_frames(s)
-    return "granted" if data > 0 else ("refused" if ended else "no answer")
+    send(s, frame(SETTINGS, 0, 0, b"") + frame(HEADERS, END_HEADERS, 1, headers(GET_TOKEN))
+         + frame(DATA, END_STREAM, 1, get_token_message(scope)))
+    return Reader(s, deadline=20).call_result(1)
 
 
 def exec_swap(path, prog):
