@@ -51,6 +51,25 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// How long the caller should wait before trying again, when known: the rate limit's wait, or the IdP's
+    /// `Retry-After` behind an `UNAVAILABLE`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        use crate::upstream::UpstreamError as U;
+        match self {
+            Error::Token {
+                source: CacheError::RateLimited { retry_in },
+                ..
+            } => Some(*retry_in),
+            Error::Token { source, .. } => match source.upstream() {
+                Some(U::Server { retry_after, .. } | U::RateLimited { retry_after }) => *retry_after,
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {

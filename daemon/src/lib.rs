@@ -9,6 +9,7 @@
 //! - [`peer`] and [`conn`]: the caller's identity from the kernel (`SO_PEERCRED`, `SO_PEERPIDFD`, `/proc`),
 //!   settled at accept and checked on every call.
 //! - [`service`]: the `credbroker.v1.TokenBroker` service, GetToken and WhoAmI.
+//! - [`http`]: the same two calls as plain HTTP (`GET /v1/token`, `GET /v1/whoami`) on the same socket.
 //! - [`scope`] and [`policy`]: scope validation and the per-caller policies (deny by default).
 //! - [`cache`]: tokens per (client, scope set): single flight, refresh ahead, remembered failures, bounded.
 //! - [`ratelimit`]: each caller uid's rate of requests that need a new token.
@@ -27,6 +28,7 @@ pub mod cache;
 pub mod config;
 pub mod conn;
 pub mod error;
+pub mod http;
 pub mod jwt;
 pub mod limits;
 pub mod notify;

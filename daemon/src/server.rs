@@ -21,6 +21,8 @@ use std::time::Duration;
 use credbroker_proto::TokenBrokerServer;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::convert::Infallible;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -213,8 +215,8 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// idle longer than allowed; dropping the stream stops the watchdog.
 struct PeerStream {
     io: UnixStream,
-    /// How much of [`H2_PREFACE`] has been replayed.
-    replayed: usize,
+    /// The first bytes, read to tell the protocol, and how many of them have been replayed.
+    head: ([u8; H2_PREFACE.len()], usize, usize),
     conn: Arc<Connection>,
     _watchdog: AbortOnDrop,
     _permits: Vec<Permit>,
@@ -270,10 +272,11 @@ impl AsyncRead for PeerStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.replayed < H2_PREFACE.len() {
-            let n = buf.remaining().min(H2_PREFACE.len() - this.replayed);
-            buf.put_slice(&H2_PREFACE[this.replayed..this.replayed + n]);
-            this.replayed += n;
+        let (head, len, replayed) = &mut this.head;
+        if *replayed < *len {
+            let n = buf.remaining().min(*len - *replayed);
+            buf.put_slice(&head[*replayed..*replayed + n]);
+            *replayed += n;
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
@@ -366,6 +369,8 @@ impl RefusedLog {
 /// What the accept loop and the handshakes share.
 struct Acceptor {
     broker: Arc<Broker>,
+    /// Turns true at shutdown: HTTP/1.1 connections then finish their request and close.
+    stop: tokio::sync::watch::Receiver<bool>,
     budgets: Arc<Budgets>,
     global: Arc<Semaphore>,
     refused: RefusedLog,
@@ -414,8 +419,12 @@ async fn accept_loop(
             let deadline = Instant::now() + limits.handshake_timeout;
             let handshake = handshake(io, uid, &acceptor, vec![uid_permit], global);
             match tokio::time::timeout_at(deadline, handshake).await {
-                Ok(Ok(stream)) => {
+                Ok(Ok((stream, Protocol::Http2))) => {
                     let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Ok((stream, Protocol::Http1))) => {
+                    let api = crate::http::HttpApi::new(acceptor.broker.clone());
+                    serve_http1(stream, api, limits, acceptor.stop.clone()).await;
                 }
                 Ok(Err(why)) => acceptor.refused.count(why, &limits, Some(uid)),
                 Err(_) => acceptor
@@ -433,7 +442,7 @@ async fn handshake(
     acceptor: &Acceptor,
     mut permits: Vec<Permit>,
     global: OwnedSemaphorePermit,
-) -> Result<PeerStream, Refused> {
+) -> Result<(PeerStream, Protocol), Refused> {
     let identity = match PeerCred::from_stream(&io) {
         Ok(cred) => {
             let (cred, proc_root) = (Arc::new(cred), acceptor.broker.proc_root());
@@ -463,13 +472,22 @@ async fn handshake(
                 .ok_or(Refused::Unmatched)?,
         );
     }
-    let mut preface = [0u8; H2_PREFACE.len()];
-    io.read_exact(&mut preface)
-        .await
-        .map_err(|_| Refused::Handshake)?;
-    if &preface != H2_PREFACE {
-        return Err(Refused::Handshake);
-    }
+    // The protocol, from the first bytes: the HTTP/2 preface, else HTTP/1.1 (which hyper then parses).
+    let mut head = [0u8; H2_PREFACE.len()];
+    let mut len = 0;
+    let protocol = loop {
+        let n = io.read(&mut head[len..]).await.map_err(|_| Refused::Handshake)?;
+        if n == 0 {
+            return Err(Refused::Handshake);
+        }
+        len += n;
+        if head[..len] != H2_PREFACE[..len] {
+            break Protocol::Http1;
+        }
+        if len == H2_PREFACE.len() {
+            break Protocol::Http2;
+        }
+    };
     let limits = *acceptor.budgets.limits();
     let calls = permits.iter().map(Permit::calls).collect();
     let conn = Arc::new(Connection::new(identity, calls));
@@ -478,14 +496,76 @@ async fn handshake(
         .try_clone_to_owned()
         .map_err(|_| Refused::Handshake)?;
     let watchdog = tokio::spawn(watchdog(Arc::downgrade(&conn), socket, limits));
-    Ok(PeerStream {
+    let stream = PeerStream {
         io,
-        replayed: 0,
+        head: (head, len, 0),
         conn,
         _watchdog: AbortOnDrop(watchdog),
         _permits: permits,
         _global: global,
-    })
+    };
+    Ok((stream, protocol))
+}
+
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// HTTP/2: gRPC, and the HTTP API's routes.
+    Http2,
+    /// HTTP/1.1: the HTTP API.
+    Http1,
+}
+
+/// Most requests served on one HTTP/1.1 connection; the last one's answer says `Connection: close`.
+pub const MAX_HTTP1_REQUESTS: usize = 1000;
+
+/// Serves the HTTP API on an HTTP/1.1 connection: request heads up to [`crate::http::MAX_HEAD`], read within
+/// [`Limits::handshake_timeout`]; no request bodies; keep-alive for at most [`MAX_HTTP1_REQUESTS`] requests
+/// (and while the connection is not idle); each request counted like a gRPC call.
+async fn serve_http1(
+    stream: PeerStream,
+    api: crate::http::HttpApi,
+    limits: Limits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use std::sync::atomic::AtomicUsize;
+    let conn = stream.conn.clone();
+    let served = Arc::new(AtomicUsize::new(0));
+    let limited = CallLimit { inner: api };
+    let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(conn.clone());
+        let mut limited = limited.clone();
+        let last = served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_HTTP1_REQUESTS;
+        async move {
+            let mut response = tower::Service::call(&mut limited, request).await?;
+            if last {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout)
+        .max_buf_size(crate::http::MAX_HEAD)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let stopped = async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    };
+    let result = tokio::select! {
+        r = connection.as_mut() => r,
+        () = stopped => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP/1.1 connection ended with an error");
+    }
 }
 
 /// Counts each call against its connection's budgets: a call over its user's budget waits, unread, until
@@ -585,13 +665,20 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let reflection = reflection().build_v1()?;
     let (tx, rx) = mpsc::channel(64);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     let acceptor = Arc::new(Acceptor {
+        stop,
         budgets: Budgets::new(limits),
         global: Arc::new(Semaphore::new(limits.max_connections)),
         broker: broker.clone(),
         refused: RefusedLog::default(),
     });
     let acceptor = tokio::spawn(accept_loop(listener, acceptor, tx));
+    let http_api = crate::http::HttpApi::new(broker.clone());
     let service = TokenBrokerServer::from_arc(broker)
         .max_decoding_message_size(MAX_MESSAGE_LEN)
         .max_encoding_message_size(MAX_RESPONSE_LEN);
@@ -601,6 +688,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
+        .add_service(http_api)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();

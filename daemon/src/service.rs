@@ -205,7 +205,7 @@ impl Broker {
         Ok((conn, caller))
     }
 
-    async fn token(
+    pub(crate) async fn token(
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<pb::GetTokenResponse, Error> {
@@ -296,7 +296,7 @@ impl Broker {
         })
     }
 
-    async fn whoami(
+    pub(crate) async fn whoami(
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<pb::WhoAmIResponse, Error> {
