@@ -71,6 +71,7 @@ where
 }
 
 /// What went wrong, as the API reports it.
+#[derive(Debug)]
 struct Failure {
     code: Code,
     message: String,

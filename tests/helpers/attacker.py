@@ -16,6 +16,7 @@ usage: attacker.py SOCKET MODE [ARGS...]
   call            (positive control of exec-swap) the same call, made by a forked child of the process that
                   connected, which execs nothing
   call-then-idle  one call on a fresh connection, then wait: prints how many seconds until the daemon closed it
+  slow-head       an HTTP/1.1 request head that never ends: prints how many seconds until the daemon closed it
 The token calls ask for the scope in $SCOPE (default scim:read).
 """
 import json
@@ -191,6 +192,24 @@ def call_then_idle(path):
     print(json.dumps({"result": result, "closed_after": time.monotonic() - start}), flush=True)
 
 
+def slow_head(path):
+    s = connect(path)
+    send(s, b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\nCredbroker-Request: true\r\n")
+    start = time.monotonic()
+    s.settimeout(60)
+    answer = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except OSError:
+        pass
+    print(json.dumps({"closed_after": time.monotonic() - start, "answer": answer[:12].decode("latin-1")}),
+          flush=True)
+
+
 def main():
     path, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     if mode == "streams":
@@ -209,6 +228,8 @@ def main():
         call(path)
     elif mode == "call-then-idle":
         call_then_idle(path)
+    elif mode == "slow-head":
+        slow_head(path)
     else:
         sys.exit(f"unknown mode {mode}")
 

@@ -195,6 +195,10 @@ async fn silent_and_idle_connections_are_closed() {
     assert_eq!(a.report["result"], "granted", "{}", a.report);
     let closed_after = a.report["closed_after"].as_f64().unwrap();
     assert!(closed_after < 25.0, "{}", a.report);
+    // An HTTP/1.1 request head that never ends: closed too (within the first-call or header deadline).
+    let a = attack(&d.socket, NOBODY, &["slow-head"], &[]).await;
+    let closed_after = a.report["closed_after"].as_f64().unwrap();
+    assert!(closed_after < 25.0, "{}", a.report);
 }
 
 /// The daemon's audit events and warnings, for failure messages.
