@@ -62,7 +62,9 @@ impl Error {
                 ..
             } => Some(*retry_in),
             Error::Token { source, .. } => match source.upstream() {
-                Some(U::Server { retry_after, .. } | U::RateLimited { retry_after }) => *retry_after,
+                Some(U::Server { retry_after, .. } | U::RateLimited { retry_after }) => {
+                    *retry_after
+                }
                 _ => None,
             },
             _ => None,

@@ -210,9 +210,9 @@ fn parse_query(query: &str) -> Result<pb::GetTokenRequest, Failure> {
             }
             "min_ttl" if !min_ttl => {
                 min_ttl = true;
-                request.min_ttl_seconds = value.parse().map_err(|_| {
-                    bad("min_ttl must be a whole number of seconds".to_owned())
-                })?;
+                request.min_ttl_seconds = value
+                    .parse()
+                    .map_err(|_| bad("min_ttl must be a whole number of seconds".to_owned()))?;
             }
             "client" | "min_ttl" => return Err(bad(format!("{key} is given more than once"))),
             other => {

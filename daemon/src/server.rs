@@ -476,7 +476,10 @@ async fn handshake(
     let mut head = [0u8; H2_PREFACE.len()];
     let mut len = 0;
     let protocol = loop {
-        let n = io.read(&mut head[len..]).await.map_err(|_| Refused::Handshake)?;
+        let n = io
+            .read(&mut head[len..])
+            .await
+            .map_err(|_| Refused::Handshake)?;
         if n == 0 {
             return Err(Refused::Handshake);
         }
@@ -532,21 +535,22 @@ async fn serve_http1(
     let conn = stream.conn.clone();
     let served = Arc::new(AtomicUsize::new(0));
     let limited = CallLimit { inner: api };
-    let service = hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(conn.clone());
-        let mut limited = limited.clone();
-        let last = served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_HTTP1_REQUESTS;
-        async move {
-            let mut response = tower::Service::call(&mut limited, request).await?;
-            if last {
-                response.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
+    let service =
+        hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(conn.clone());
+            let mut limited = limited.clone();
+            let last = served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_HTTP1_REQUESTS;
+            async move {
+                let mut response = tower::Service::call(&mut limited, request).await?;
+                if last {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
             }
-            Ok::<_, Infallible>(response)
-        }
-    });
+        });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)

@@ -128,3 +128,87 @@ async fn a_thousand_calls_on_one_connection_with_indexed_headers_and_continuatio
     .await;
     assert_eq!(r["results"], serde_json::json!({ "granted": 1000 }), "{r}");
 }
+
+/// Runs an example from `examples/` against the daemon as a new user would, with `CREDBROKER_SOCKET` (and
+/// `CREDBROKER_PROTO`, `NODE_PATH` for the gRPC ones); returns what it printed.
+async fn example(program: &Path, args: &[&str], socket: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(program)
+            .args(args)
+            .env("CREDBROKER_SOCKET", socket)
+            .env("CREDBROKER_PROTO", root.join("proto"))
+            .env("NODE_PATH", root.join("tests/node/node_modules"))
+            .current_dir(&root)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the example finished in time")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{:?}: {}", args, stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn the_examples_get_the_token_none_of_them_setting_an_authority() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let python = venv_python();
+    let node = Path::new("node");
+    let shell = Path::new("sh");
+    let runs: [(&Path, &str); 4] = [
+        (&python, "examples/python_grpc.py"),
+        (&python, "examples/python_httpx.py"),
+        (node, "examples/node_grpc.js"),
+        (shell, "examples/curl.sh"),
+    ];
+    for (program, script) in runs {
+        let got = example(
+            program,
+            &[script, "scim:read", "internal_user_mgt_view"],
+            &d.socket,
+        )
+        .await;
+        assert_eq!(got, s.idp.issued_tokens()[0], "{script}");
+    }
+    assert_eq!(s.idp.request_count(), 1);
+    // None of them sets an authority (or a channel option to the same end).
+    for (_, script) in runs {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(script),
+        )
+        .unwrap();
+        assert!(!text.contains("authority"), "{script} sets an authority");
+    }
+}
+
+#[tokio::test]
+async fn node_grpc_js_reports_a_denial_with_its_status() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new("node")
+            .arg("examples/node_grpc.js")
+            .arg("openid")
+            .env("CREDBROKER_SOCKET", &d.socket)
+            .env("CREDBROKER_PROTO", root.join("proto"))
+            .env("NODE_PATH", root.join("tests/node/node_modules"))
+            .current_dir(&root)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("PERMISSION_DENIED"),
+        "{}",
+        stderr(&out)
+    );
+}

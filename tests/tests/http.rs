@@ -24,7 +24,10 @@ async fn curl(d: &Daemon, who: Option<(u32, u32)>, guard: bool, args: &[&str]) -
     cmd.args(args);
     let out = run_cli(cmd, who).await;
     let text = stdout(&out);
-    let (body, status) = text.trim_end().rsplit_once('\n').unwrap_or(("", text.trim()));
+    let (body, status) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .unwrap_or(("", text.trim()));
     (status.parse().unwrap_or(0), body.to_owned())
 }
 
@@ -58,11 +61,20 @@ async fn a_token_over_http_1_1_and_http_2_is_the_json_the_cli_prints() {
         .await;
         assert_eq!(status, 200, "{version}: {body}");
         let http = json(&body);
-        for key in ["access_token", "token_type", "expires_at", "scopes", "client"] {
+        for key in [
+            "access_token",
+            "token_type",
+            "expires_at",
+            "scopes",
+            "client",
+        ] {
             assert_eq!(http[key], cli[key], "{version} {key}: {http} vs {cli}");
         }
         let left = http["expires_in"].as_u64().unwrap();
-        assert!(left.abs_diff(cli["expires_in"].as_u64().unwrap()) <= 5, "{http}");
+        assert!(
+            left.abs_diff(cli["expires_in"].as_u64().unwrap()) <= 5,
+            "{http}"
+        );
         assert_eq!(
             http.as_object().unwrap().len(),
             cli.as_object().unwrap().len()
@@ -116,13 +128,29 @@ async fn errors_are_json_with_the_mapped_status_and_never_reach_the_idp() {
     };
     // No guard header: 400, and no token, whatever else the request says.
     check(
-        curl(&d, Some(NOBODY), false, &[&format!("{TOKEN}?scope=scim:read")]).await,
+        curl(
+            &d,
+            Some(NOBODY),
+            false,
+            &[&format!("{TOKEN}?scope=scim:read")],
+        )
+        .await,
         400,
         "invalid_argument",
     );
-    assert_eq!(s.idp.request_count(), 0, "a request without the guard reached the IdP");
+    assert_eq!(
+        s.idp.request_count(),
+        0,
+        "a request without the guard reached the IdP"
+    );
     check(
-        curl(&d, Some(NOBODY), true, &[&format!("{TOKEN}?scope=scim:write")]).await,
+        curl(
+            &d,
+            Some(NOBODY),
+            true,
+            &[&format!("{TOKEN}?scope=scim:write")],
+        )
+        .await,
         403,
         "permission_denied",
     );
@@ -142,7 +170,13 @@ async fn errors_are_json_with_the_mapped_status_and_never_reach_the_idp() {
         "invalid_argument",
     );
     check(
-        curl(&d, Some(NOBODY), true, &[&format!("{TOKEN}?scope=scim:read&colour=red")]).await,
+        curl(
+            &d,
+            Some(NOBODY),
+            true,
+            &[&format!("{TOKEN}?scope=scim:read&colour=red")],
+        )
+        .await,
         400,
         "invalid_argument",
     );
@@ -165,7 +199,6 @@ async fn errors_are_json_with_the_mapped_status_and_never_reach_the_idp() {
     assert!(out.starts_with("http/1.1 429"), "{out}");
     assert!(out.contains("retry-after: "), "{out}");
     assert!(out.contains("\"error\":\"resource_exhausted\""), "{out}");
-
 }
 
 #[tokio::test]
@@ -208,7 +241,12 @@ async fn request_heads_and_keep_alive_are_bounded_and_the_largest_valid_request_
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "--max-time", "120", "--unix-socket"])
         .arg(&d.socket)
-        .args(["-H", "Credbroker-Request: true", "-w", "connects=%{num_connects}\n"])
+        .args([
+            "-H",
+            "Credbroker-Request: true",
+            "-w",
+            "connects=%{num_connects}\n",
+        ])
         .args(&urls);
     let out = stdout(&run_cli(cmd, Some(NOBODY)).await);
     let counts: Vec<u32> = out
