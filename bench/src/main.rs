@@ -164,6 +164,85 @@ async fn load(
     Ok(stats)
 }
 
+/// `callers` concurrent callers of the HTTP API, each on its own HTTP/1.1 keep-alive connection (as curl or
+/// httpx would), each asking `GET /v1/token` in a loop for `duration`.
+async fn http_load(socket: &Path, callers: usize, duration: Duration) -> anyhow::Result<Stats> {
+    use http_body_util::{BodyExt, Empty};
+    let request = || {
+        http::Request::get(format!("/v1/token?scope={HOT}"))
+            .header("host", "localhost")
+            .header("credbroker-request", "true")
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("a valid request")
+    };
+    // A connection is checked with one request first: the daemon closes at once a connection over the uid's
+    // budget (64), which the previous phase's connections may still hold for a moment.
+    type Sender = hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>;
+    let connect = move |socket: std::path::PathBuf| async move {
+        for _ in 0..100 {
+            let io = hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(&socket).await?);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            if let Ok(r) = sender.send_request(request()).await
+                && r.status() == 200
+                && r.into_body().collect().await.is_ok()
+            {
+                return Ok::<Sender, anyhow::Error>(sender);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::bail!("the HTTP API does not answer")
+    };
+    let mut senders = Vec::new();
+    for _ in 0..callers {
+        senders.push(connect(socket.to_owned()).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut sender in senders {
+        let socket = socket.to_owned();
+        tasks.spawn(async move {
+            let mut latencies = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let (ok, close) = match sender.send_request(request()).await {
+                    Ok(response) => {
+                        // The daemon ends a keep-alive connection after 1000 requests, as any client expects.
+                        let close = response.headers().get("connection").is_some_and(|v| v == "close");
+                        let ok = response.status() == 200 && response.into_body().collect().await.is_ok();
+                        (ok, close)
+                    }
+                    Err(_) => (false, true),
+                };
+                if ok {
+                    latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    errors += 1;
+                }
+                if close {
+                    match connect(socket.clone()).await {
+                        Ok(s) => sender = s,
+                        Err(_) => break,
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut stats = Stats::default();
+    while let Some(r) = tasks.join_next().await {
+        let (lat, errors) = r?;
+        stats.calls += lat.len() as u64;
+        stats.errors += errors;
+        stats.latencies.extend(lat);
+    }
+    stats.elapsed = start.elapsed();
+    stats.latencies.sort_unstable();
+    Ok(stats)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -326,6 +405,51 @@ scopes = ["other:read"]
             Some(errors == 0),
         ));
     }
+    // The HTTP API on the same socket, interleaved with the gRPC path it is compared to.
+    let mut http = [Vec::new(), Vec::new()];
+    for _ in 0..rounds {
+        for (i, callers) in [1usize, 64].into_iter().enumerate() {
+            let h = http_load(&broker_socket, callers, phase).await?;
+            let g = load(&broker_socket, callers, callers.min(16), phase).await?;
+            http[i].push((h, g));
+        }
+    }
+    let h1 = &http[0];
+    let p50 = |pick: fn(&(Stats, Stats)) -> &Stats| {
+        Duration::from_secs_f64(median(
+            h1.iter().map(|r| pick(r).percentile(0.5).as_secs_f64()).collect(),
+        ))
+    };
+    let (hp, gp) = (p50(|r| &r.0), p50(|r| &r.1));
+    rows.push(row(
+        "HTTP API (HTTP/1.1), 1 caller: p50",
+        format!(
+            "{} (gRPC {}) = {:.2}x",
+            ms(hp),
+            ms(gp),
+            hp.as_secs_f64() / gp.as_secs_f64()
+        ),
+        "",
+        None,
+    ));
+    let h64 = &http[1];
+    let tput = |pick: fn(&(Stats, Stats)) -> &Stats| {
+        median(h64.iter().map(|r| pick(r).throughput()).collect())
+    };
+    let (ht, gt) = (tput(|r| &r.0), tput(|r| &r.1));
+    let errors: u64 = http.iter().flatten().map(|r| r.0.errors).sum();
+    rows.push(row(
+        "HTTP API (HTTP/1.1), 64 callers / 64 conns: throughput",
+        format!("{ht:.0}/s (gRPC, 64 callers / 16 conns: {gt:.0}/s) = {:.2}x", ht / gt),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "HTTP API: errors",
+        errors.to_string(),
+        "0",
+        Some(errors == 0),
+    ));
     rows.push(row(
         "daemon idle RSS",
         format!("{:.1} MB", idle_rss as f64 / 1024.0),
