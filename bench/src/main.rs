@@ -210,8 +210,12 @@ async fn http_load(socket: &Path, callers: usize, duration: Duration) -> anyhow:
                 let (ok, close) = match sender.send_request(request()).await {
                     Ok(response) => {
                         // The daemon ends a keep-alive connection after 1000 requests, as any client expects.
-                        let close = response.headers().get("connection").is_some_and(|v| v == "close");
-                        let ok = response.status() == 200 && response.into_body().collect().await.is_ok();
+                        let close = response
+                            .headers()
+                            .get("connection")
+                            .is_some_and(|v| v == "close");
+                        let ok = response.status() == 200
+                            && response.into_body().collect().await.is_ok();
                         (ok, close)
                     }
                     Err(_) => (false, true),
@@ -417,7 +421,9 @@ scopes = ["other:read"]
     let h1 = &http[0];
     let p50 = |pick: fn(&(Stats, Stats)) -> &Stats| {
         Duration::from_secs_f64(median(
-            h1.iter().map(|r| pick(r).percentile(0.5).as_secs_f64()).collect(),
+            h1.iter()
+                .map(|r| pick(r).percentile(0.5).as_secs_f64())
+                .collect(),
         ))
     };
     let (hp, gp) = (p50(|r| &r.0), p50(|r| &r.1));
@@ -440,7 +446,10 @@ scopes = ["other:read"]
     let errors: u64 = http.iter().flatten().map(|r| r.0.errors).sum();
     rows.push(row(
         "HTTP API (HTTP/1.1), 64 callers / 64 conns: throughput",
-        format!("{ht:.0}/s (gRPC, 64 callers / 16 conns: {gt:.0}/s) = {:.2}x", ht / gt),
+        format!(
+            "{ht:.0}/s (gRPC, 64 callers / 16 conns: {gt:.0}/s) = {:.2}x",
+            ht / gt
+        ),
         "",
         None,
     ));
@@ -761,7 +770,7 @@ fn print_table(rows: &[Row], quick: bool) {
         if quick {
             "quick (1 round of 1 s)"
         } else {
-            "3 interleaved rounds of 3 s per scenario; medians"
+            "5 interleaved rounds of 3 s per scenario; medians"
         }
     );
     println!();
