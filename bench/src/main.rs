@@ -79,7 +79,7 @@ async fn floor(socket: &Path) -> anyhow::Result<()> {
     let listener = tokio::net::UnixListener::bind(socket)?;
     println!("ready");
     // The daemon's own server settings, so the ratio measures what credbroker adds, not a configuration.
-    credbroker_daemon::server::builder()
+    credbroker_daemon::serve::server::builder()
         .add_service(TokenBrokerServer::new(Constant(response)))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await?;
@@ -708,11 +708,11 @@ async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Ro
 /// Drives the daemon's own `TokenCache` on a paused clock: one call a second for an hour, 5-minute tokens,
 /// the default min TTL; counts the fetches (initial and refreshes).
 fn steady_workload() -> anyhow::Result<usize> {
-    use credbroker_daemon::cache::{
+    use credbroker_daemon::policy::scope::ScopeSet;
+    use credbroker_daemon::tokens::cache::{
         CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache,
     };
-    use credbroker_daemon::scope::ScopeSet;
-    use credbroker_daemon::upstream::Issued;
+    use credbroker_daemon::tokens::upstream::Issued;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Count(AtomicUsize);

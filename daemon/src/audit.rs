@@ -18,11 +18,11 @@ use std::sync::Mutex;
 
 use tokio::time::Instant;
 
-use crate::cache::{Fingerprint, Source};
-use crate::peer::Caller;
-use crate::ratelimit::{Rate, RateLimiter};
-use crate::scope::ScopeSet;
+use crate::identity::peer::Caller;
+use crate::policy::scope::ScopeSet;
 use crate::text::{ClipList, clip, cut};
+use crate::tokens::cache::{Fingerprint, Source};
+use crate::tokens::ratelimit::{Rate, RateLimiter};
 
 /// Denials logged per uid and minute, beyond the burst.
 pub const DENIALS_PER_MINUTE: u32 = 120;

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::cache::CacheError;
-use crate::peer::PeerError;
+use crate::identity::peer::PeerError;
 use crate::policy::Refusal;
-use crate::scope::ScopeError;
+use crate::policy::scope::ScopeError;
+use crate::tokens::cache::CacheError;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,7 @@ impl Error {
     /// How long the caller should wait before trying again, when known: the rate limit's wait, or the IdP's
     /// `Retry-After` behind an `UNAVAILABLE`.
     pub fn retry_after(&self) -> Option<Duration> {
-        use crate::upstream::UpstreamError as U;
+        use crate::tokens::upstream::UpstreamError as U;
         match self {
             Error::Token {
                 source: CacheError::RateLimited { retry_in },

@@ -1,48 +1,32 @@
 //! credbrokerd: holds OAuth 2.0 client secrets and hands least-privilege access tokens to local processes
 //! over a Unix socket, deciding by the caller identity the kernel reports.
 //!
-//! The major components, in the order a request meets them:
+//! The daemon is grouped by concern, in the order a request meets them:
 //!
-//! - [`server`]: binds the socket, accepts connections with their peer credentials, serves gRPC.
-//! - [`limits`]: what one local user may hold: connections and calls in flight, per uid, with callers no
-//!   policy matches sharing one small budget.
-//! - [`peer`] and [`conn`]: the caller's identity from the kernel (`SO_PEERCRED`, `SO_PEERPIDFD`, `/proc`),
-//!   settled at accept and checked on every call.
-//! - [`service`]: the `credbroker.v1.TokenBroker` service, GetToken and WhoAmI.
-//! - [`http`]: the same two calls as plain HTTP (`GET /v1/token`, `GET /v1/whoami`) on the same socket.
-//! - [`scope`] and [`policy`]: scope validation and the per-caller policies (deny by default).
-//! - [`cache`]: tokens per (client, scope set): single flight, refresh ahead, remembered failures, bounded.
-//! - [`ratelimit`]: each caller uid's rate of requests that need a new token.
-//! - [`upstream`] and [`retry`]: the client-credentials request to the IdP (with discovery of its token
-//!   endpoint), the parsing of its answer, and retries with backoff through transient trouble.
-//! - [`jwt`]: `private_key_jwt` client assertions.
-//! - [`audit`]: the structured audit trail of every decision.
-//! - [`error`]: request errors and their mapping to gRPC status codes.
+//! - [`serve`]: the socket and its connections, what one user may hold of them, the gRPC service and the plain
+//!   HTTP API, systemd notifications.
+//! - [`identity`]: the caller's identity from the kernel (`SO_PEERCRED`, `SO_PEERPIDFD`, `/proc`), settled at
+//!   accept and checked on every call.
+//! - [`policy`]: scope validation and the per-caller policies (deny by default).
+//! - [`tokens`]: the IdP clients, the client-credentials request and its retries, the token cache (single
+//!   flight, refresh ahead, bounded), each uid's rate of new tokens.
+//! - [`config`]: the TOML file, validated with every error reported at once; it builds the types of the other
+//!   groups, which never read it.
 //!
-//! Around them: [`config`] (the TOML file, validated with every error reported at once), [`secret`] (client
-//! secrets, never printed), [`notify`] (`sd_notify`), and [`sys`] (the few raw system calls, the only
-//! `unsafe` code).
+//! Shared by them: [`audit`] (the structured audit trail), [`error`] (request errors and their one mapping to
+//! gRPC status codes), [`secret`] (secrets, never printed), [`text`] (bounded, escaped log text) and [`sys`]
+//! (the few raw system calls, the only `unsafe` code).
 
 pub mod audit;
-pub mod cache;
 pub mod config;
-pub mod conn;
 pub mod error;
-pub mod http;
-pub mod jwt;
-pub mod limits;
-pub mod notify;
-pub mod peer;
+pub mod identity;
 pub mod policy;
-pub mod ratelimit;
-pub mod retry;
-pub mod scope;
 pub mod secret;
-pub mod server;
-pub mod service;
+pub mod serve;
 pub mod sys;
 pub mod text;
-pub mod upstream;
+pub mod tokens;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -54,7 +38,10 @@ use tokio_stream::{Stream, StreamExt};
 
 pub use config::Config;
 use config::ConfigErrors;
-use notify::Notifier;
+use identity::peer;
+use serve::notify::Notifier;
+use serve::{limits, server, service};
+use tokens::upstream;
 
 /// What the daemon is told from outside while it runs (by signals, in `credbrokerd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use credbroker_daemon::config::{self, Config, LogFormat};
-use credbroker_daemon::notify::{self, Notifier};
 use credbroker_daemon::secret::SecretEnv;
-use credbroker_daemon::{Options, Signal, server, sys};
+use credbroker_daemon::serve::notify::{self, Notifier};
+use credbroker_daemon::serve::server;
+use credbroker_daemon::{Options, Signal, sys};
 use tokio_stream::StreamExt;
 
 /// Exit code for a bad config or bad flags (EX_USAGE).

@@ -30,9 +30,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::retry::random_fraction;
-use crate::scope::ScopeSet;
-use crate::upstream::{Issued, UpstreamError};
+use crate::policy::scope::ScopeSet;
+use crate::tokens::retry::random_fraction;
+use crate::tokens::upstream::{Issued, UpstreamError};
 
 /// Number of map shards.
 pub const SHARDS: usize = 16;

@@ -2,7 +2,7 @@
 //! gRPC service until shutdown.
 //!
 //! Every peer may be hostile, so each connection is bounded before any of its bytes is read: the global
-//! connection budget, then its uid's ([`crate::limits`]); then its identity is settled (pidfd pinned,
+//! connection budget, then its uid's ([`crate::serve::limits`]); then its identity is settled (pidfd pinned,
 //! executable and unit read) and, if no policy matches it, it also takes a slot of the small budget shared
 //! by all such callers; then it must send the HTTP/2 preface within [`Limits::handshake_timeout`]. Served
 //! connections are closed when idle, each call counts against its user's budget of calls in flight, and
@@ -30,10 +30,10 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::conn::{Connection, Identity};
-use crate::limits::{Bucket, Budgets, Limits, Permit};
-use crate::peer::{FileId, PeerCred, PeerError};
-use crate::service::Broker;
+use crate::identity::conn::{Connection, Identity};
+use crate::identity::peer::{FileId, PeerCred, PeerError};
+use crate::serve::limits::{Bucket, Budgets, Limits, Permit};
+use crate::serve::service::Broker;
 use crate::sys;
 
 /// Largest gRPC message accepted from a caller: the largest valid request (64 scopes of 256 bytes, a client
@@ -423,7 +423,7 @@ async fn accept_loop(
                     let _ = tx.send(Ok(stream)).await;
                 }
                 Ok(Ok((stream, Protocol::Http1))) => {
-                    let api = crate::http::HttpApi::new(acceptor.broker.clone());
+                    let api = crate::serve::http::HttpApi::new(acceptor.broker.clone());
                     serve_http1(stream, api, limits, acceptor.stop.clone()).await;
                 }
                 Ok(Err(why)) => acceptor.refused.count(why, &limits, Some(uid)),
@@ -522,12 +522,12 @@ enum Protocol {
 /// Most requests served on one HTTP/1.1 connection; the last one's answer says `Connection: close`.
 pub const MAX_HTTP1_REQUESTS: usize = 1000;
 
-/// Serves the HTTP API on an HTTP/1.1 connection: request heads up to [`crate::http::MAX_HEAD`], read within
+/// Serves the HTTP API on an HTTP/1.1 connection: request heads up to [`crate::serve::http::MAX_HEAD`], read within
 /// [`Limits::handshake_timeout`]; no request bodies; keep-alive for at most [`MAX_HTTP1_REQUESTS`] requests
 /// (and while the connection is not idle); each request counted like a gRPC call.
 async fn serve_http1(
     stream: PeerStream,
-    api: crate::http::HttpApi,
+    api: crate::serve::http::HttpApi,
     limits: Limits,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -554,7 +554,7 @@ async fn serve_http1(
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
-        .max_buf_size(crate::http::MAX_HEAD)
+        .max_buf_size(crate::serve::http::MAX_HEAD)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(connection);
     let stopped = async move {
@@ -682,7 +682,7 @@ pub async fn serve(
         refused: RefusedLog::default(),
     });
     let acceptor = tokio::spawn(accept_loop(listener, acceptor, tx));
-    let http_api = crate::http::HttpApi::new(broker.clone());
+    let http_api = crate::serve::http::HttpApi::new(broker.clone());
     let service = TokenBrokerServer::from_arc(broker)
         .max_decoding_message_size(MAX_MESSAGE_LEN)
         .max_encoding_message_size(MAX_RESPONSE_LEN);

@@ -13,15 +13,16 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::cache::{CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache};
-use crate::config::{ClientConfig, Config};
-use crate::conn::Connection;
+use crate::config::Config;
 use crate::error::Error;
-use crate::peer::{Caller, PeerError};
-use crate::ratelimit::RateLimiter;
-use crate::retry::{RetryPolicy, with_retries};
-use crate::scope::ScopeSet;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::identity::conn::Connection;
+use crate::identity::peer::{Caller, PeerError};
+use crate::policy::scope::ScopeSet;
+use crate::tokens::cache::{CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache};
+use crate::tokens::client::ClientConfig;
+use crate::tokens::ratelimit::RateLimiter;
+use crate::tokens::retry::{RetryPolicy, with_retries};
+use crate::tokens::upstream::{Upstream, UpstreamError};
 
 /// Longest `min_ttl_seconds` accepted.
 pub const MAX_MIN_TTL: Duration = Duration::from_secs(24 * 3600);

@@ -22,9 +22,11 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::config::{AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, endpoint_url};
-use crate::jwt;
-use crate::scope::ScopeSet;
+use crate::policy::scope::ScopeSet;
+use crate::tokens::client::{
+    AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, endpoint_url,
+};
+use crate::tokens::jwt;
 
 /// Largest token response accepted, in bytes.
 pub const MAX_RESPONSE_LEN: usize = 64 * 1024;

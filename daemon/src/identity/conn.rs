@@ -11,7 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::audit::GrantLog;
-use crate::peer::{Caller, PeerCred, PeerError};
+use crate::identity::peer::{Caller, PeerCred, PeerError};
 
 /// A peer's identity as settled at accept.
 pub struct Identity {

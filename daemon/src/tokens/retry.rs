@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::scope::ScopeSet;
-use crate::upstream::{Issued, UpstreamError};
+use crate::policy::scope::ScopeSet;
+use crate::tokens::upstream::{Issued, UpstreamError};
 
 /// How a token request is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,8 +22,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use tonic::Code;
 use tonic::body::Body;
 
-use crate::conn::Connection;
-use crate::service::Broker;
+use crate::identity::conn::Connection;
+use crate::serve::service::Broker;
 
 /// The header every request must carry, with the value `true`.
 pub const GUARD: &str = "credbroker-request";
@@ -200,7 +200,7 @@ fn parse_query(query: &str) -> Result<pb::GetTokenRequest, Failure> {
                         .map(str::to_owned),
                 );
                 // Bounded here as in gRPC: the scope rules then say what is wrong.
-                if request.scopes.len() > crate::scope::MAX_SCOPES + 1 {
+                if request.scopes.len() > crate::policy::scope::MAX_SCOPES + 1 {
                     break;
                 }
             }

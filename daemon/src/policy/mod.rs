@@ -1,4 +1,4 @@
-//! Which caller may have which scopes of which client.
+//! Which caller may have which scopes of which client, and what a scope is ([`scope`]).
 //!
 //! Deny by default. A request is allowed when every requested scope is allowed by some policy that matches
 //! the caller and names the client. A policy matches when every `match` key it gives matches (each key
@@ -8,8 +8,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::peer::{Caller, FileId};
-use crate::scope::{ScopePattern, ScopeSet};
+use crate::identity::peer::{Caller, FileId};
+pub mod scope;
+
+use scope::{ScopePattern, ScopeSet};
 
 /// One `[[policy]]` of the config.
 #[derive(Clone, Debug)]

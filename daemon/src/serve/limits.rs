@@ -8,7 +8,7 @@
 //! nothing by it. Calls in flight are counted the same way: a call over its user's budget waits (holding only
 //! its HTTP/2 stream, whose buffered bytes the connection's flow-control window bounds) until one of that
 //! user's calls finishes, so the request bytes decoded at once for one user are at most
-//! calls × [`crate::server::MAX_MESSAGE_LEN`], and only that user waits.
+//! calls × [`crate::serve::server::MAX_MESSAGE_LEN`], and only that user waits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

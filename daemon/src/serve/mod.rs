@@ -1,0 +1,9 @@
+//! Serving: the socket and its connections ([`server`]), what one user may hold of them ([`limits`]), the gRPC
+//! service ([`service`]), the plain HTTP API on the same socket ([`http`]), and systemd notifications
+//! ([`notify`]).
+
+pub mod http;
+pub mod limits;
+pub mod notify;
+pub mod server;
+pub mod service;

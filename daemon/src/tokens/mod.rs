@@ -1,0 +1,11 @@
+//! Tokens and the IdP: the clients the broker is registered as ([`client`]), the client-credentials request and
+//! the parsing of its answer ([`upstream`]), `private_key_jwt` assertions ([`jwt`]), retries through transient
+//! trouble ([`retry`]), the cache with its single flight and refresh ahead ([`cache`]), and each uid's rate of
+//! new tokens ([`ratelimit`]).
+
+pub mod cache;
+pub mod client;
+pub mod jwt;
+pub mod ratelimit;
+pub mod retry;
+pub mod upstream;
