@@ -50,6 +50,20 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The socket exists but this process may not connect to it: its mode and group keep this user out.
+    #[error(
+        "permission denied on credbrokerd's socket {} (mode {mode:04o}, group {group}): ask an administrator \
+         to add this user to that group, or to widen daemon.socket_mode",
+        socket.display()
+    )]
+    SocketPermission {
+        /// The socket path.
+        socket: PathBuf,
+        /// The socket's permission bits.
+        mode: u32,
+        /// The socket's group: its name where `/etc/group` has one, and its id.
+        group: String,
+    },
     /// The request was malformed: no or invalid scopes, an unknown client, an ambiguous client.
     #[error("invalid request: {0}")]
     InvalidArgument(String),
@@ -83,9 +97,13 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the caller was refused by policy (or could not be identified).
+    /// Whether the caller was refused: by policy, by the socket's permissions, or because it could not be
+    /// identified.
     pub fn is_denied(&self) -> bool {
-        matches!(self, Self::PermissionDenied(_) | Self::Unauthenticated(_))
+        matches!(
+            self,
+            Self::PermissionDenied(_) | Self::Unauthenticated(_) | Self::SocketPermission { .. }
+        )
     }
 
     /// Whether trying again later may succeed: the daemon or the IdP is unavailable, or rate limited.
@@ -305,10 +323,7 @@ impl Client {
                 async move { UnixStream::connect(path).await.map(TokioIo::new) }
             }))
             .await
-            .map_err(|e| Error::Connect {
-                socket: socket.clone(),
-                source: innermost(&e).into(),
-            })?;
+            .map_err(|e| connect_error(&socket, &e))?;
         Ok(Self {
             inner: TokenBrokerClient::new(channel),
             socket,
@@ -564,12 +579,46 @@ impl TokenSource {
     }
 }
 
-fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+/// [`Error::SocketPermission`] when the kernel refused the connection for the socket's permissions, else
+/// [`Error::Connect`].
+fn connect_error(socket: &Path, e: &(dyn std::error::Error + 'static)) -> Error {
+    use std::os::unix::fs::MetadataExt;
     let mut cause = e;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    cause.to_string()
+    let denied = cause
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
+    if denied && let Ok(meta) = std::fs::metadata(socket) {
+        return Error::SocketPermission {
+            socket: socket.to_owned(),
+            mode: meta.mode() & 0o7777,
+            group: group_name(meta.gid()),
+        };
+    }
+    Error::Connect {
+        socket: socket.to_owned(),
+        source: cause.to_string().into(),
+    }
+}
+
+/// `name (gid)` from `/etc/group`, or the bare gid.
+fn group_name(gid: u32) -> String {
+    let name = std::fs::read_to_string("/etc/group")
+        .ok()
+        .and_then(|groups| {
+            groups.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?;
+                (id.parse() == Ok(gid)).then(|| name.to_owned())
+            })
+        });
+    match name {
+        Some(name) => format!("{name} ({gid})"),
+        None => gid.to_string(),
+    }
 }
 
 /// A blocking facade for programs without an async runtime (feature `blocking`).

@@ -20,6 +20,8 @@ mod exit {
     pub(crate) const RETRY: u8 = 75;
     /// Denied: no policy lets this process have what it asked for (or it could not be identified).
     pub(crate) const DENIED: u8 = 77;
+    /// The output could not be written (a closed pipe, a full disk, standard output closed).
+    pub(crate) const IOERR: u8 = 74;
     /// Operator action needed: the IdP refused the broker's credentials or the scope.
     pub(crate) const OPERATOR: u8 = 78;
 }
@@ -29,8 +31,10 @@ Exit codes:
   0   success
   1   other error
   64  usage: bad arguments, invalid scope, unknown or ambiguous client
+  74  the output could not be written (closed pipe, full disk, standard output closed)
   75  retryable: daemon unreachable, IdP unavailable, rate limited
-  77  denied: no policy allows this process the requested client or scope
+  77  denied: no policy allows this process the requested client or scope, or the socket's
+      permissions keep this user out
   78  operator action needed: the IdP rejected the broker's credentials or the scope
 exec: once CMD runs, the exit status is CMD's own; 126 or 127 if it cannot be run";
 
@@ -164,7 +168,69 @@ fn request(scopes: &[String], client: Option<String>, min_ttl: Option<Duration>)
     request
 }
 
+/// Whether standard output was closed when the CLI started. Rust's runtime has already pointed closed fds 0–2
+/// at `/dev/null` by then (so no socket the CLI opens can take fd 1), opened read-write: a shell's
+/// `> /dev/null` opens it write-only. Output to a stdout that was closed would be lost, so it is an error.
+fn stdout_was_closed() -> bool {
+    let null = std::fs::read_link("/proc/self/fd/1").is_ok_and(|p| p.as_os_str() == "/dev/null");
+    let read_write = std::fs::read_to_string("/proc/self/fdinfo/1").is_ok_and(|info| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|flags| flags & 0o3 == 0o2)
+    });
+    null && read_write
+}
+
+/// Where the CLI's output goes: standard output, unless it was closed at start.
+struct Output {
+    closed: bool,
+}
+
+impl Output {
+    /// Writes `text` and a newline, and flushes.
+    fn line(&self, text: &str) -> Result<(), CliError> {
+        use std::io::Write;
+        if self.closed {
+            return Err(CliError::Output(std::io::Error::other(
+                "standard output is closed",
+            )));
+        }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{text}")
+            .and_then(|()| out.flush())
+            .map_err(CliError::Output)
+    }
+
+    /// Writes `bytes` as they are, and flushes.
+    fn raw(&self, bytes: &[u8]) -> Result<(), CliError> {
+        use std::io::Write;
+        if self.closed {
+            return Err(CliError::Output(std::io::Error::other(
+                "standard output is closed",
+            )));
+        }
+        let mut out = std::io::stdout().lock();
+        out.write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(CliError::Output)
+    }
+}
+
+/// Why the CLI failed: the daemon's answer, or its own output.
+enum CliError {
+    Daemon(Error),
+    Output(std::io::Error),
+}
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> Self {
+        Self::Daemon(e)
+    }
+}
+
 fn main() -> ExitCode {
+    let stdout_closed = stdout_was_closed();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -186,7 +252,10 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::OTHER);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let out = Output {
+        closed: stdout_closed,
+    };
+    match runtime.block_on(run(cli, &out)) {
         Ok(Next::Done) => ExitCode::from(exit::OK),
         Ok(Next::Exec {
             command,
@@ -196,9 +265,13 @@ fn main() -> ExitCode {
             drop(runtime);
             exec(&command, &env, &token)
         }
-        Err(e) => {
+        Err(CliError::Daemon(e)) => {
             eprintln!("credbroker: {e}");
             ExitCode::from(exit_code(&e))
+        }
+        Err(CliError::Output(e)) => {
+            eprintln!("credbroker: cannot write the output: {e}");
+            ExitCode::from(exit::IOERR)
         }
     }
 }
@@ -244,14 +317,18 @@ fn exit_code(e: &Error) -> u8 {
     }
 }
 
-async fn run(cli: Cli) -> Result<Next, Error> {
+async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
     match &cli.command {
         Command::Completions { shell } => {
-            print_completions(*shell);
+            out.raw(&completions(*shell))?;
             return Ok(Next::Done);
         }
         Command::Manpage => {
-            let _ = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map_err(CliError::Output)?;
+            out.raw(&page)?;
             return Ok(Next::Done);
         }
         _ => {}
@@ -268,7 +345,7 @@ async fn run(cli: Cli) -> Result<Next, Error> {
             scopes,
         } => {
             let token = client.get_token(request(&scopes, name, min_ttl)).await?;
-            println!("{}", render(&token, format));
+            out.line(&render(&token, format))?;
         }
         Command::Exec {
             client: name,
@@ -298,24 +375,26 @@ async fn run(cli: Cli) -> Result<Next, Error> {
                         "uid": me.uid, "gid": me.gid, "pid": me.pid, "user": me.user, "groups": me.groups,
                         "exe": me.exe, "unit": me.unit, "grants": grants,
                     });
-                    println!("{v}");
+                    out.line(&v.to_string())?;
                 }
                 WhoamiFormat::Text => {
-                    println!("uid:    {} ({})", me.uid, me.user);
-                    println!("gid:    {}", me.gid);
-                    println!("groups: {}", me.groups.join(", "));
-                    println!("pid:    {}", me.pid);
-                    println!("exe:    {}", me.exe);
-                    println!(
-                        "unit:   {}",
+                    let mut text = format!(
+                        "uid:    {} ({})\ngid:    {}\ngroups: {}\npid:    {}\nexe:    {}\nunit:   {}",
+                        me.uid,
+                        me.user,
+                        me.gid,
+                        me.groups.join(", "),
+                        me.pid,
+                        me.exe,
                         if me.unit.is_empty() { "-" } else { &me.unit }
                     );
                     if me.grants.is_empty() {
-                        println!("grants: none (no policy matches this process)");
+                        text.push_str("\ngrants: none (no policy matches this process)");
                     }
                     for (client, scopes) in &me.grants {
-                        println!("grant:  {client}: {}", scopes.join(" "));
+                        text.push_str(&format!("\ngrant:  {client}: {}", scopes.join(" ")));
                     }
+                    out.line(&text)?;
                 }
             }
         }
@@ -323,7 +402,7 @@ async fn run(cli: Cli) -> Result<Next, Error> {
     Ok(Next::Done)
 }
 
-fn print_completions(shell: Shell) {
+fn completions(shell: Shell) -> Vec<u8> {
     use clap_complete::Shell as S;
     let shell = match shell {
         Shell::Bash => S::Bash,
@@ -332,12 +411,9 @@ fn print_completions(shell: Shell) {
         Shell::Elvish => S::Elvish,
         Shell::Powershell => S::PowerShell,
     };
-    clap_complete::generate(
-        shell,
-        &mut Cli::command(),
-        "credbroker",
-        &mut std::io::stdout(),
-    );
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "credbroker", &mut script);
+    script
 }
 
 fn render(token: &Token, format: Format) -> String {

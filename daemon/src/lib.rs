@@ -208,6 +208,9 @@ fn reload(broker: &service::Broker, options: &Options) {
     match (options.reload_config)() {
         Ok(config) => {
             warn_unseen_exes(&config);
+            for w in config.warnings() {
+                tracing::warn!(key = %w.key, "{}", w.message);
+            }
             let summary = summary(&config);
             let r = broker.reload(config);
             tracing::info!(

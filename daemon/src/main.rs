@@ -25,7 +25,7 @@ const GRACE: Duration = Duration::from_secs(10);
 /// Exit codes: 0 clean shutdown or valid config; 1 runtime failure (e.g. the socket cannot be bound);
 /// 64 invalid config; 71 the process could not be made non-dumpable.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "credbrokerd", version)]
 struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "CREDBROKER_CONFIG", default_value = config::DEFAULT_PATH)]
@@ -38,6 +38,22 @@ struct Cli {
 enum Command {
     /// Validate the config (secrets included) and print a summary without secrets; exit 0 or 64.
     CheckConfig,
+}
+
+/// An error and its causes, `: `-separated, leaving out a cause whose text the message before already holds
+/// (many errors here print their source themselves).
+fn causes(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn env(name: &str) -> Option<String> {
@@ -64,12 +80,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let warnings = config.warnings();
     if let Some(Command::CheckConfig) = cli.command {
+        for w in &warnings {
+            eprintln!("credbrokerd: warning: {}: {}", w.key, w.message);
+        }
         println!("{}: OK", cli.config.display());
         print!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
     init_logging(config.daemon.log_format);
+    for w in &warnings {
+        tracing::warn!(key = %w.key, "{}", w.message);
+    }
     // Each connection costs three descriptors (see limits::FDS_PER_CONNECTION): take all the kernel allows.
     let nofile = match sys::raise_nofile() {
         Ok(n) => n,
@@ -82,8 +105,8 @@ fn main() -> ExitCode {
     let socket = match take_socket(&config) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("credbrokerd: {e:#}");
+            // Logging goes to stderr already: say it once, each cause once.
+            tracing::error!("{}", causes(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -97,8 +120,8 @@ fn main() -> ExitCode {
     match runtime.block_on(serve(config, &cli.config, socket, nofile)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("credbrokerd: {e:#}");
+            // Logging goes to stderr already: say it once, each cause once.
+            tracing::error!("{}", causes(&e));
             ExitCode::FAILURE
         }
     }

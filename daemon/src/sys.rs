@@ -9,7 +9,7 @@
 //! - [`take_listen_fd`]: the listening socket systemd passes by socket activation (`LISTEN_FDS`).
 //! - [`euid`], [`raise_nofile`], [`bind_with_mode`]: the effective uid; the open file limit raised to its
 //!   hard limit; a socket bound with its permission bits set by the umask, atomically.
-//! - [`user_name`], [`group_name`], [`group_id`]: NSS look-ups (`getpwuid_r`, `getgrgid_r`, `getgrnam_r`), so
+//! - [`user_name`], [`group_name`], [`user_id`], [`group_id`]: NSS look-ups (`getpwuid_r`, `getgrgid_r`, `getgrnam_r`), so
 //!   users from LDAP or sssd are named like local ones.
 #![allow(unsafe_code)]
 
@@ -342,6 +342,30 @@ pub fn group_id(name: &str) -> Option<u32> {
     })
 }
 
+/// The id of the user called `name`, from NSS; `None` when there is none.
+pub fn user_id(name: &str) -> Option<u32> {
+    let cname = CString::new(name).ok()?;
+    with_buffer(|buf| {
+        // SAFETY: all-zero bytes are a valid `passwd`; getpwnam_r overwrites it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to memory we own for the duration of the call.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                cname.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc != 0 {
+            return Err(rc);
+        }
+        Ok((!result.is_null()).then_some(pwd.pw_uid))
+    })
+}
+
 /// Runs an NSS `*_r` look-up with a buffer that grows on `ERANGE`; other errors read as "not found".
 fn with_buffer<T>(
     mut lookup: impl FnMut(&mut [libc::c_char]) -> Result<Option<T>, i32>,
@@ -392,5 +416,7 @@ mod tests {
         assert_eq!(group_name(0).as_deref(), Some("root"));
         assert_eq!(group_id("root"), Some(0));
         assert_eq!(group_id("no-such-group-credbroker"), None);
+        assert_eq!(user_id("root"), Some(0));
+        assert_eq!(user_id("no-such-user-credbroker"), None);
     }
 }

@@ -269,3 +269,159 @@ async fn the_reqwest_integration_sets_a_sensitive_bearer_header() {
     );
     assert!(value.is_sensitive());
 }
+
+/// Runs `credbroker token scim:read` against `d` through `sh -c`, with `redirect` applied to its stdout.
+async fn token_with_stdout(d: &Daemon, redirect: &str) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "exec \"$0\" --socket \"$1\" token scim:read {redirect}"
+        ))
+        .arg(bin("credbroker"))
+        .arg(&d.socket);
+    run_cli(cmd, None).await
+}
+
+#[tokio::test]
+async fn output_that_cannot_be_written_exits_74_never_0_and_never_panics() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    for redirect in [">/dev/full", ">&-"] {
+        let out = token_with_stdout(&d, redirect).await;
+        assert_eq!(out.status.code(), Some(74), "{redirect}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with("credbroker: cannot write the output"),
+            "{redirect}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+    // A pipe whose reader has gone: EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    // (spawn, not output(): tokio's output() would replace stdout with its own pipe)
+    let child = tokio::process::Command::new(bin("credbroker"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["token", "scim:read"])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(74), "{}", stderr(&out));
+    assert!(stderr(&out).contains("Broken pipe"), "{}", stderr(&out));
+    // Output to /dev/null on purpose is a success.
+    let out = token_with_stdout(&d, ">/dev/null").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn the_daemon_never_gives_a_socket_the_standard_descriptors() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    // A daemon started with stdin, stdout and stderr closed still has them, on /dev/null.
+    let config = s.dir.path().join("credbroker.toml");
+    let other = s.dir.path().join("other.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("credbroker.sock", "other.sock");
+    std::fs::write(&other, text).unwrap();
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" --config \"$1\" <&- >&- 2>&-")
+        .arg(bin("credbrokerd"))
+        .arg(&other)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let socket = s.dir.path().join("other.sock");
+    credbroker_tests::wait_for("the second daemon's socket", || socket.exists()).await;
+    let pid = child.id().unwrap();
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+        assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
+    }
+    let mut c = Client::connect(&socket).await.unwrap();
+    c.token(["scim:read"]).await.unwrap();
+    let _ = child.kill().await;
+    drop(d);
+}
+
+#[tokio::test]
+async fn credbrokerd_names_itself_and_check_config_warns_and_reports_every_duplicate() {
+    let out = run_cli(
+        {
+            let mut c = tokio::process::Command::new(bin("credbrokerd"));
+            c.arg("--version");
+            c
+        },
+        None,
+    )
+    .await;
+    assert!(stdout(&out).starts_with("credbrokerd "), "{}", stdout(&out));
+
+    let s = Setup::new().await;
+    let tail = r#"
+[[policy]]
+name = "nobody-read"
+match = { user = "no-such-user-here" }
+client = "idp"
+scopes = ["scim:read"]
+
+[[policy]]
+name = "ghosts"
+match = { group = "no-such-group-here" }
+client = "nope"
+scopes = ["scim:read"]
+
+[[policy]]
+name = "ghosts"
+match = { uid = 5 }
+client = "idp"
+scopes = ["scim:read"]
+"#;
+    let out = credbroker_tests::check_config(&s.dir, &s.config_with("", tail)).await;
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let err = stderr(&out);
+    // Both duplicates, though one of them has another error too.
+    assert!(
+        err.contains("policy[2].name: duplicate policy name \"nobody-read\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("policy[4].name: duplicate policy name \"ghosts\""),
+        "{err}"
+    );
+    assert!(err.contains("policy[3].client"), "{err}");
+
+    // Valid, but naming a user and a group that do not exist: warnings.
+    let tail = r#"
+[[policy]]
+name = "ghost-user"
+match = { user = "no-such-user-here" }
+client = "idp"
+scopes = ["scim:read"]
+
+[[policy]]
+name = "ghost-group"
+match = { group = "no-such-group-here" }
+client = "idp"
+scopes = ["scim:read"]
+"#;
+    let out = credbroker_tests::check_config(&s.dir, &s.config_with("", tail)).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("warning: policy[2].match.user: no user named \"no-such-user-here\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: policy[3].match.group: no group named \"no-such-group-here\""),
+        "{err}"
+    );
+}

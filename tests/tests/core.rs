@@ -653,13 +653,26 @@ async fn the_socket_gets_its_mode_and_group_and_a_stale_one_is_replaced() {
     let meta = std::fs::metadata(&d.socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), 65534);
-    // nobody (group nogroup) may connect; uid/gid 65533 may not, and is told where it failed.
+    // nobody (group nogroup) may connect; uid/gid 65533 may not: denied (77), told the socket's mode and
+    // group, not that the service might be down.
     let out = d.cli(Some(NOBODY), &["token", "scim:read"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = d.cli(Some((65533, 65533)), &["token", "scim:read"]).await;
-    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+    for part in [
+        d.socket.display().to_string(),
+        "permission denied".to_owned(),
+        "mode 0660".to_owned(),
+        "group nogroup (65534)".to_owned(),
+    ] {
+        assert!(
+            stderr(&out).contains(&part),
+            "{part} missing: {}",
+            stderr(&out)
+        );
+    }
     assert!(
-        stderr(&out).contains(&d.socket.display().to_string()),
+        !stderr(&out).contains("is the service running"),
         "{}",
         stderr(&out)
     );
@@ -672,6 +685,13 @@ async fn the_socket_gets_its_mode_and_group_and_a_stale_one_is_replaced() {
     let out = tokio::time::timeout(WAIT, other).await.unwrap().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("in use"), "{}", stderr(&out));
+    // Said once.
+    assert_eq!(
+        stderr(&out).matches("in use").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
     // The first one still serves.
     d.client().await.token(["scim:read"]).await.unwrap();
 

@@ -220,15 +220,19 @@ impl Config {
                 let mut names = HashSet::new();
                 for (i, v) in list.iter().enumerate() {
                     let key = format!("policy[{i}]");
-                    if let Some(pt) = as_table(&mut errs, &key, v)
-                        && let Some(p) = policy(&mut errs, &key, pt, &known_clients)
+                    let Some(pt) = as_table(&mut errs, &key, v) else {
+                        continue;
+                    };
+                    // Every duplicate is reported, whatever else is wrong with its policy.
+                    if let Some(Value::String(name)) = pt.get("name")
+                        && !names.insert(name.clone())
                     {
-                        if !names.insert(p.name.clone()) {
-                            errs.push(
-                                format!("{key}.name"),
-                                format!("duplicate policy name {:?}", p.name),
-                            );
-                        }
+                        errs.push(
+                            format!("{key}.name"),
+                            format!("duplicate policy name {name:?}"),
+                        );
+                    }
+                    if let Some(p) = policy(&mut errs, &key, pt, &known_clients) {
                         policies.push(p);
                     }
                 }
@@ -244,6 +248,38 @@ impl Config {
             clients,
             policies: PolicySet::new(policies),
         })
+    }
+
+    /// What is valid but probably not meant: policies that name users or groups that do not exist (yet), so
+    /// they match nobody through that key. `check-config` prints these; the daemon logs them at start.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut warnings = Vec::new();
+        for (i, p) in self.policies.policies().iter().enumerate() {
+            let m = &p.matcher;
+            for user in m.user.iter().flatten() {
+                if sys::user_id(user).is_none() {
+                    warnings.push(ConfigError {
+                        key: format!("policy[{i}].match.user"),
+                        message: format!(
+                            "no user named {user:?}; policy {:?} matches no such caller",
+                            p.name
+                        ),
+                    });
+                }
+            }
+            for group in m.group.iter().flatten() {
+                if sys::group_id(group).is_none() {
+                    warnings.push(ConfigError {
+                        key: format!("policy[{i}].match.group"),
+                        message: format!(
+                            "no group named {group:?}; policy {:?} matches no such caller",
+                            p.name
+                        ),
+                    });
+                }
+            }
+        }
+        warnings
     }
 
     /// A summary for `check-config`, without secrets.
