@@ -324,11 +324,7 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
             return Ok(Next::Done);
         }
         Command::Manpage => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut page)
-                .map_err(CliError::Output)?;
-            out.raw(&page)?;
+            out.raw(&man_page().map_err(CliError::Output)?)?;
             return Ok(Next::Done);
         }
         _ => {}
@@ -400,6 +396,74 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
         }
     }
     Ok(Next::Done)
+}
+
+/// The date man pages carry: `SOURCE_DATE_EPOCH` (reproducible package builds), else today.
+fn man_date() -> String {
+    let at = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or_else(std::time::SystemTime::now, |secs| {
+            std::time::UNIX_EPOCH + Duration::from_secs(secs)
+        });
+    humantime::format_rfc3339_seconds(at).to_string()[..10].to_owned()
+}
+
+/// credbroker(1): the command and its global options, then every subcommand with its own options, then exit
+/// status, environment and files; all from the clap definition but the last three.
+fn man_page() -> std::io::Result<Vec<u8>> {
+    let cmd = Cli::command();
+    let source = format!("credbroker {}", env!("CARGO_PKG_VERSION"));
+    let man = clap_mangen::Man::new(cmd.clone())
+        .date(man_date())
+        .source(source.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    page.extend_from_slice(b".SH COMMANDS\n");
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        let name = format!("credbroker {}", sub.get_name());
+        let sub = sub.clone().name(name.clone()).bin_name(&name);
+        let mut part = Vec::new();
+        let sub_man = clap_mangen::Man::new(sub);
+        sub_man.render_synopsis_section(&mut part)?;
+        sub_man.render_description_section(&mut part)?;
+        sub_man.render_options_section(&mut part)?;
+        // (clap_mangen separates "Possible values" with `.br`, a blank line, `.br`: one `.sp` says it.)
+        let part = String::from_utf8_lossy(&part)
+            .replace("\n.br\n\n.br\n", "\n.sp\n")
+            .replace(".SH SYNOPSIS\n", &format!(".SS \"{name}\"\n"))
+            .replace(".SH DESCRIPTION\n", ".PP\n")
+            .replace(".SH OPTIONS\n", ".PP\nOptions:\n");
+        page.extend_from_slice(part.as_bytes());
+    }
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n.nf\n");
+    for line in EXIT_CODES.lines().skip(1) {
+        page.extend_from_slice(line.trim_start().replace('-', "\\-").as_bytes());
+        page.push(b'\n');
+    }
+    page.extend_from_slice(
+        br#".fi
+.SH ENVIRONMENT
+.TP
+.B CREDBROKER_SOCKET
+The daemon's socket, unless \fB\-\-socket\fR names one.
+.TP
+.B XDG_RUNTIME_DIR
+Where a per-user daemon's socket is looked for (\fI$XDG_RUNTIME_DIR/credbroker/credbroker.sock\fR) when the
+system socket does not exist.
+.SH FILES
+.TP
+.I /run/credbroker/credbroker.sock
+The system daemon's socket.
+.SH "SEE ALSO"
+credbrokerd(8), credbroker.toml(5)
+"#,
+    );
+    Ok(page)
 }
 
 fn completions(shell: Shell) -> Vec<u8> {

@@ -38,6 +38,108 @@ struct Cli {
 enum Command {
     /// Validate the config (secrets included) and print a summary without secrets; exit 0 or 64.
     CheckConfig,
+    /// Print a man page (roff): credbrokerd(8), or credbroker.toml(5), the configuration reference.
+    Man {
+        /// Which page.
+        #[arg(value_enum)]
+        page: Page,
+    },
+    /// Print the configuration reference as a Markdown table (the README's).
+    ConfigReference,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Page {
+    /// credbrokerd(8).
+    Credbrokerd,
+    /// credbroker.toml(5).
+    #[value(name = "credbroker.toml")]
+    CredbrokerToml,
+}
+
+/// The date man pages carry: `SOURCE_DATE_EPOCH` (reproducible package builds), else today.
+fn man_date() -> String {
+    let at = env("SOURCE_DATE_EPOCH")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or_else(std::time::SystemTime::now, |secs| {
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+        });
+    humantime::format_rfc3339_seconds(at).to_string()[..10].to_owned()
+}
+
+/// credbrokerd(8): clap's sections, then signals, exit status, environment and files.
+fn daemon_man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory;
+    let man = clap_mangen::Man::new(Cli::command())
+        .section("8")
+        .date(man_date())
+        .source(format!("credbroker {}", env!("CARGO_PKG_VERSION")))
+        .manual("System Manager's Manual");
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    page.extend_from_slice(
+        br#".SH COMMANDS
+With no command, \fBcredbrokerd\fR runs: it serves the socket systemd passes (\fBLISTEN_FDS\fR) or binds
+\fBdaemon.socket\fR, notifies systemd when ready, and runs until SIGTERM.
+.TP
+.B credbrokerd check\-config \fR[\fB\-\-config\fR \fIPATH\fR]
+Validate the config, secrets included, and print a summary without secrets; warn about policies that name
+users or groups that do not exist. Exit 0, or 64 with every problem listed by key path.
+.TP
+.B credbrokerd man \fIcredbrokerd\fR|\fIcredbroker.toml\fR
+Print this page, or credbroker.toml(5), in roff.
+.TP
+.B credbrokerd config\-reference
+Print the configuration reference as a Markdown table.
+.SH SIGNALS
+.TP
+.B SIGHUP
+Reload: read the config and secrets again; new policies apply in one step; a broken config is refused (every error logged) and the running one keeps serving.
+.TP
+.BR SIGTERM ", " SIGINT
+Stop accepting, let in\-flight calls finish for up to 10 s, exit 0.
+.SH "EXIT STATUS"
+.TP
+.B 0
+Clean shutdown, or a valid config for \fBcheck\-config\fR.
+.TP
+.B 1
+A runtime failure, such as a socket it cannot bind.
+.TP
+.B 64
+An invalid config (every problem listed by key path), or bad flags.
+.TP
+.B 71
+The process could not be made non\-dumpable; no secret was read.
+.SH ENVIRONMENT
+.TP
+.B CREDBROKER_CONFIG
+The config file, instead of \fI/etc/credbroker/credbroker.toml\fR.
+.TP
+.B CREDBROKER_LOG
+A tracing filter: \fBinfo\fR (default), \fBdebug\fR, \fBinfo,credbroker::audit=warn\fR.
+.TP
+.B CREDENTIALS_DIRECTORY
+Where \fB{ credential = "NAME" }\fR secrets are read (set by systemd's \fBLoadCredential=\fR).
+.TP
+.BR LISTEN_FDS ", " LISTEN_PID ", " NOTIFY_SOCKET ", " WATCHDOG_USEC
+Socket activation, readiness and watchdog, from systemd.
+.SH FILES
+.TP
+.I /etc/credbroker/credbroker.toml
+The configuration; see credbroker.toml(5).
+.TP
+.I /run/credbroker/credbroker.sock
+The socket callers connect to (gRPC, and plain HTTP).
+.SH "SEE ALSO"
+credbroker(1), credbroker.toml(5), systemd.socket(5)
+"#,
+    );
+    Ok(page)
 }
 
 /// An error and its causes, `: `-separated, leaving out a cause whose text the message before already holds
@@ -54,6 +156,22 @@ fn causes(e: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+/// Writes generated text to stdout: exit 0, or 74 (EX_IOERR) when it cannot be written.
+fn write_out(text: std::io::Result<Vec<u8>>) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match text
+        .and_then(|t| out.write_all(&t))
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credbrokerd: cannot write the output: {e}");
+            ExitCode::from(74)
+        }
+    }
 }
 
 fn env(name: &str) -> Option<String> {
@@ -73,6 +191,21 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_CONFIG } else { 0 });
         }
     };
+    match cli.command {
+        Some(Command::Man { page }) => {
+            let page = match page {
+                Page::Credbrokerd => daemon_man_page(),
+                Page::CredbrokerToml => {
+                    Ok(config::keys::man_page(&man_date(), env!("CARGO_PKG_VERSION")).into_bytes())
+                }
+            };
+            return write_out(page);
+        }
+        Some(Command::ConfigReference) => {
+            return write_out(Ok(config::keys::markdown().into_bytes()));
+        }
+        _ => {}
+    }
     let config = match Config::load(&cli.config, &SecretEnv::process()) {
         Ok(c) => c,
         Err(e) => {
@@ -81,7 +214,7 @@ fn main() -> ExitCode {
         }
     };
     let warnings = config.warnings();
-    if let Some(Command::CheckConfig) = cli.command {
+    if matches!(cli.command, Some(Command::CheckConfig)) {
         for w in &warnings {
             eprintln!("credbrokerd: warning: {}: {}", w.key, w.message);
         }

@@ -167,21 +167,81 @@ async fn usage_errors_exit_64_and_an_unreachable_daemon_exits_75_naming_the_sock
 }
 
 #[tokio::test]
-async fn completions_and_man_page_come_from_the_cli_definition() {
+async fn completions_and_man_pages_are_complete_and_lint_clean() {
     let mut cmd = tokio::process::Command::new(bin("credbroker"));
     cmd.args(["completions", "bash"]);
     let out = run_cli(cmd, None).await;
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("_credbroker()") && stdout(&out).contains("whoami"));
-    let mut cmd = tokio::process::Command::new(bin("credbroker"));
-    cmd.arg("manpage");
-    let out = run_cli(cmd, None).await;
-    assert_eq!(out.status.code(), Some(0));
-    let man = stdout(&out);
+
+    let page = |program: &str, args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(bin(program));
+        cmd.args(args);
+        cmd
+    };
+    // credbroker(1): every subcommand with its options, exit status, environment; no page it does not have.
+    let man = stdout(&run_cli(page("credbroker", &["manpage"]), None).await);
+    assert!(man.contains(".TH credbroker 1"), "{man}");
+    for part in [
+        ".SS \"credbroker token\"",
+        ".SS \"credbroker exec\"",
+        ".SS \"credbroker whoami\"",
+        ".SS \"credbroker completions\"",
+        "\\-\\-min\\-ttl",
+        "\\-\\-format",
+        "\\-\\-env",
+        "\\-\\-socket",
+        ".SH \"EXIT STATUS\"",
+        "74  the output could not be written",
+        "77  denied",
+        "CREDBROKER_SOCKET",
+    ] {
+        assert!(man.contains(part), "{part} missing in credbroker(1)");
+    }
     assert!(
-        man.contains(".TH credbroker 1") && man.contains("exec"),
-        "{man}"
+        !man.contains("credbroker\\-token(1)"),
+        "refers to a page that does not exist"
     );
+    // credbrokerd(8) and credbroker.toml(5).
+    let daemon = stdout(&run_cli(page("credbrokerd", &["man", "credbrokerd"]), None).await);
+    for part in [
+        ".TH credbrokerd 8",
+        ".SH SIGNALS",
+        "SIGHUP",
+        ".SH \"EXIT STATUS\"",
+        ".SH FILES",
+        "check\\-config",
+    ] {
+        assert!(daemon.contains(part), "{part} missing in credbrokerd(8)");
+    }
+    let toml = stdout(&run_cli(page("credbrokerd", &["man", "credbroker.toml"]), None).await);
+    for key in [
+        "daemon.max_connections_per_uid",
+        "clients.NAME.allow_http",
+        "policy.match.any_user",
+    ] {
+        assert!(toml.contains(key), "{key} missing in credbroker.toml(5)");
+    }
+    // mandoc finds nothing at warning level in any of them.
+    for (name, text) in [
+        ("credbroker.1", &man),
+        ("credbrokerd.8", &daemon),
+        ("credbroker.toml.5", &toml),
+    ] {
+        let path = std::env::temp_dir().join(format!("{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let mut lint = tokio::process::Command::new("mandoc");
+        lint.args(["-T", "lint", "-W", "warning"]).arg(&path);
+        let out = run_cli(lint, None).await;
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
 }
 
 #[tokio::test]

@@ -8,6 +8,8 @@
 //! Error messages quote config values, except secrets; a TOML syntax error names its line and column but does
 //! not quote the line, which could hold a secret someone pasted by mistake.
 
+pub mod keys;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -407,6 +409,8 @@ impl<'t> Walk<'t> {
     }
 
     fn get(&mut self, key: &'t str) -> Option<&'t Value> {
+        #[cfg(test)]
+        keys::record(&self.prefix, key);
         let (k, v) = self.table.get_key_value(key)?;
         self.used.insert(k.as_str());
         Some(v)
@@ -906,6 +910,10 @@ const RESERVED_PARAMS: [&str; 6] = [
 ];
 
 fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Option<Secret> {
+    #[cfg(test)]
+    for source in ["file", "credential", "env"] {
+        keys::record(key, source);
+    }
     let table = match v {
         Value::Table(t) => t,
         // Never echo the value: it may be the secret itself.
@@ -1220,6 +1228,50 @@ scopes = ["scim:read", "internal_*"]
         assert_eq!(
             keys,
             ["daemon.max_cache_bytes", "daemon.max_connections_per_uid"]
+        );
+    }
+
+    #[test]
+    fn the_key_table_is_exactly_what_the_parser_reads() {
+        keys::READ.with(|r| r.borrow_mut().clear());
+        let f = Fixture::new();
+        // Every table the parser walks, so that it looks up every key it knows (present or not).
+        let everything = GOOD.replace(
+            "[clients.idp]",
+            "rate_limit = { per_minute = 1 }\n[clients.idp]",
+        ) + r#"
+[clients.jwt]
+token_url = "https://idp.example/token"
+client_id = "j"
+auth_method = "private_key_jwt"
+private_key = { file = "SECRET_FILE" }
+"#;
+        let _ = f.parse(&everything);
+        let read = keys::READ.with(|r| r.borrow().clone());
+        let table: std::collections::BTreeSet<String> =
+            keys::KEYS.iter().map(|k| k.name.to_owned()).collect();
+        let missing: Vec<_> = read.difference(&table).collect();
+        let extra: Vec<_> = table.difference(&read).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "read by the parser but not in KEYS: {missing:?}; in KEYS but never read: {extra:?}"
+        );
+    }
+
+    #[test]
+    fn the_readme_reference_is_generated_from_the_key_table() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let (begin, end) = ("<!-- config-keys:begin -->\n", "<!-- config-keys:end -->");
+        let start = readme
+            .find(begin)
+            .expect("README has the config-keys block")
+            + begin.len();
+        let stop = readme[start..].find(end).unwrap() + start;
+        assert_eq!(
+            &readme[start..stop],
+            keys::markdown(),
+            "README's configuration table is stale: replace it with `credbrokerd reference markdown`"
         );
     }
 
