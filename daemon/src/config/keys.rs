@@ -372,7 +372,7 @@ pub fn man_page(date: &str, version: &str) -> String {
 thread_local! {
     /// The keys the parser looked up on this thread, normalized (`clients.NAME`, `policy`).
     pub(crate) static READ: std::cell::RefCell<std::collections::BTreeSet<String>> =
-        std::cell::RefCell::new(std::collections::BTreeSet::new());
+        const { std::cell::RefCell::new(std::collections::BTreeSet::new()) };
 }
 
 /// Records that the parser looked up `key` under `prefix` (tests only).
