@@ -126,6 +126,21 @@ pub enum SecretError {
     EnvUnset(String),
 }
 
+/// The credential prefixes of the shipped unit: `LoadCredential=credbroker:/etc/credbroker/credentials` and
+/// `LoadCredentialEncrypted=credbroker-encrypted:/etc/credbroker/credentials-encrypted` load every file `F`
+/// of those directories as `credbroker_F` and `credbroker-encrypted_F`.
+pub const CREDENTIAL_PREFIXES: [&str; 2] = ["credbroker_", "credbroker-encrypted_"];
+
+/// Where credential `name` is: `name` itself (a unit's own `LoadCredential=name:…`), else the file `name` of
+/// the shipped unit's credential directories, plain or encrypted. The first that exists; `name` if none does,
+/// so the error names the plain path.
+fn credential_path(dir: &Path, name: &str) -> PathBuf {
+    std::iter::once(dir.join(name))
+        .chain(CREDENTIAL_PREFIXES.iter().map(|p| dir.join(format!("{p}{name}"))))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join(name))
+}
+
 /// A loaded secret and where it came from.
 pub struct Secret {
     value: SecretString,
@@ -151,7 +166,7 @@ impl Secret {
                     .credentials_dir
                     .as_ref()
                     .ok_or_else(|| SecretError::NoCredentialsDirectory(name.clone()))?;
-                read_file(&dir.join(name))?
+                read_file(&credential_path(dir, name))?
             }
             SecretSource::Env(var) => {
                 Zeroizing::new((env.var)(var).ok_or_else(|| SecretError::EnvUnset(var.clone()))?)
@@ -330,6 +345,27 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_credential_is_found_under_the_shipped_units_prefixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = SecretEnv {
+            credentials_dir: Some(dir.path().to_owned()),
+            var: &|_| None,
+        };
+        write(dir.path(), "credbroker_plain", "p", 0o400);
+        write(dir.path(), "credbroker-encrypted_sealed", "e", 0o400);
+        write(dir.path(), "own", "o", 0o400);
+        write(dir.path(), "credbroker_own", "shadowed", 0o400);
+        let get = |name: &str| {
+            Secret::load(SecretSource::Credential(name.into()), &env)
+                .map(|s| s.expose().to_owned())
+        };
+        assert_eq!(get("plain").unwrap(), "p");
+        assert_eq!(get("sealed").unwrap(), "e");
+        assert_eq!(get("own").unwrap(), "o", "a unit's own credential name comes first");
+        assert!(matches!(get("missing"), Err(SecretError::Read { .. })));
     }
 
     #[test]

@@ -95,7 +95,8 @@ async fn the_units_and_the_drop_in_verify_cleanly() {
 #[tokio::test]
 async fn the_example_config_is_valid_with_its_systemd_credential() {
     let creds = tempfile::tempdir().unwrap();
-    let secret = creds.path().join("asgardeo");
+    // As systemd loads /etc/credbroker/credentials/asgardeo through the unit's LoadCredential=credbroker:…
+    let secret = creds.path().join("credbroker_asgardeo");
     std::fs::write(&secret, "example-secret\n").unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
     let mut cmd = tokio::process::Command::new(bin("credbrokerd"));
