@@ -136,7 +136,11 @@ pub const CREDENTIAL_PREFIXES: [&str; 2] = ["credbroker_", "credbroker-encrypted
 /// so the error names the plain path.
 fn credential_path(dir: &Path, name: &str) -> PathBuf {
     std::iter::once(dir.join(name))
-        .chain(CREDENTIAL_PREFIXES.iter().map(|p| dir.join(format!("{p}{name}"))))
+        .chain(
+            CREDENTIAL_PREFIXES
+                .iter()
+                .map(|p| dir.join(format!("{p}{name}"))),
+        )
         .find(|p| p.exists())
         .unwrap_or_else(|| dir.join(name))
 }
@@ -359,12 +363,15 @@ mod tests {
         write(dir.path(), "own", "o", 0o400);
         write(dir.path(), "credbroker_own", "shadowed", 0o400);
         let get = |name: &str| {
-            Secret::load(SecretSource::Credential(name.into()), &env)
-                .map(|s| s.expose().to_owned())
+            Secret::load(SecretSource::Credential(name.into()), &env).map(|s| s.expose().to_owned())
         };
         assert_eq!(get("plain").unwrap(), "p");
         assert_eq!(get("sealed").unwrap(), "e");
-        assert_eq!(get("own").unwrap(), "o", "a unit's own credential name comes first");
+        assert_eq!(
+            get("own").unwrap(),
+            "o",
+            "a unit's own credential name comes first"
+        );
         assert!(matches!(get("missing"), Err(SecretError::Read { .. })));
     }
 
