@@ -7,6 +7,7 @@
 pub mod fixture;
 pub mod idp;
 pub mod oidc;
+pub mod systemd_box;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
