@@ -125,6 +125,16 @@ impl SystemdBox {
         path
     }
 
+    /// Copies a host file where the box sees it (the host's `/tmp`, where a checkout may live, is not visible
+    /// inside); returns the path to use inside.
+    pub fn stage(&self, file: &Path) -> PathBuf {
+        let dir = self._scratch.path().join("stage");
+        std::fs::create_dir_all(&dir).expect("stage directory");
+        let path = dir.join(file.file_name().expect("a file name"));
+        std::fs::copy(file, &path).expect("stage a file");
+        path
+    }
+
     /// A `systemctl show -p NAME --value UNIT` property.
     pub async fn property(&self, unit: &str, name: &str) -> String {
         self.ok(&format!("systemctl show -p {name} --value {unit}"))

@@ -66,7 +66,8 @@ async fn configure(sb: &SystemdBox, s: &Setup) {
 async fn the_package_installs_serves_reloads_stops_and_leaves_under_systemd() {
     let s = Setup::new().await;
     let sb = SystemdBox::boot().await;
-    sb.ok(&format!("dpkg -i {}", deb(1).display())).await;
+    sb.ok(&format!("dpkg -i {}", sb.stage(&deb(1)).display()))
+        .await;
     // Installed: user and directories exist; the socket is enabled but waits for a config.
     sb.ok("getent passwd credbroker").await;
     assert_eq!(
@@ -207,7 +208,8 @@ async fn the_package_installs_serves_reloads_stops_and_leaves_under_systemd() {
 async fn reinstalls_and_upgrades_drop_no_call() {
     let s = Setup::new().await;
     let sb = SystemdBox::boot().await;
-    sb.ok(&format!("dpkg -i {}", deb(1).display())).await;
+    sb.ok(&format!("dpkg -i {}", sb.stage(&deb(1)).display()))
+        .await;
     configure(&sb, &s).await;
     sb.ok("credbroker token -c idp scim:read").await;
     // A loop of `credbroker token` processes, one call each, until told to stop.
@@ -218,9 +220,11 @@ async fn reinstalls_and_upgrades_drop_no_call() {
     sb.ok("while [ \"$(grep -c ok /run/calls 2>/dev/null)\" -lt 20 ]; do sleep 0.05; done")
         .await;
     let before = sb.property("credbroker.service", "MainPID").await;
-    sb.ok(&format!("dpkg -i {}", deb(1).display())).await;
+    sb.ok(&format!("dpkg -i {}", sb.stage(&deb(1)).display()))
+        .await;
     let reinstalled = sb.property("credbroker.service", "MainPID").await;
-    sb.ok(&format!("dpkg -i {}", deb(2).display())).await;
+    sb.ok(&format!("dpkg -i {}", sb.stage(&deb(2)).display()))
+        .await;
     sb.ok("n=$(grep -c ok /run/calls); while [ \"$(grep -c ok /run/calls)\" -lt $((n + 20)) ]; do sleep 0.05; done").await;
     let upgraded = sb.property("credbroker.service", "MainPID").await;
     sb.ok("touch /run/stop-calls; while [ ! -e /run/calls-done ]; do sleep 0.05; done")
