@@ -152,16 +152,7 @@ async fn load(
             (latencies, errors)
         });
     }
-    let mut stats = Stats::default();
-    while let Some(r) = tasks.join_next().await {
-        let (lat, errors) = r?;
-        stats.calls += lat.len() as u64;
-        stats.errors += errors;
-        stats.latencies.extend(lat);
-    }
-    stats.elapsed = start.elapsed();
-    stats.latencies.sort_unstable();
-    Ok(stats)
+    collect(tasks, start).await
 }
 
 /// `callers` concurrent callers of the HTTP API, each on its own HTTP/1.1 keep-alive connection (as curl or
@@ -235,6 +226,14 @@ async fn http_load(socket: &Path, callers: usize, duration: Duration) -> anyhow:
             (latencies, errors)
         });
     }
+    collect(tasks, start).await
+}
+
+/// The callers' latencies and errors, summed up once they are all done.
+async fn collect(
+    mut tasks: tokio::task::JoinSet<(Vec<u32>, u64)>,
+    start: Instant,
+) -> anyhow::Result<Stats> {
     let mut stats = Stats::default();
     while let Some(r) = tasks.join_next().await {
         let (lat, errors) = r?;

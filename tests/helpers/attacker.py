@@ -107,20 +107,25 @@ def idle(path, n, preface):
     hold(conns, {"connections": len(conns)})
 
 
-def attempts(path, n):
-    held, pending, made = [], [], 0
+def attempt_batch(path, n):
+    """n connections, each with the HTTP/2 preface; those the daemon serves (it closes the rest at once)."""
+    pending = []
     for _ in range(n):
         try:
             s = connect(path)
             send(s, PREFACE)
             pending.append(s)
-            made += 1
         except OSError:
             pass
-        if len(pending) >= 256:
-            held += [c for c in pending if served(c) or c.close()]
-            pending = []
-    held += [c for c in pending if served(c) or c.close()]
+    return [c for c in pending if served(c) or c.close()], len(pending)
+
+
+def attempts(path, n):
+    held, made = [], 0
+    while made < n:
+        kept, tried = attempt_batch(path, min(256, n - made))
+        held += kept
+        made += max(tried, 1)
     print(json.dumps({"attempts": made, "held": len(held)}), flush=True)
     sys.stdin.readline()
 
@@ -128,18 +133,9 @@ def attempts(path, n):
 def attempts_for(path, seconds):
     print(json.dumps({"started": True}), flush=True)
     end = time.monotonic() + seconds
-    held, made = [], 0
+    held = []
     while time.monotonic() < end:
-        pending = []
-        for _ in range(256):
-            try:
-                s = connect(path)
-                send(s, PREFACE)
-                pending.append(s)
-                made += 1
-            except OSError:
-                pass
-        held += [c for c in pending if served(c) or c.close()]
+        held += attempt_batch(path, 256)[0]
     sys.stdin.readline()
 
 

@@ -130,8 +130,8 @@ async fn a_thousand_calls_on_one_connection_with_indexed_headers_and_continuatio
 }
 
 /// Runs an example from `examples/` against the daemon as a new user would, with `CREDBROKER_SOCKET` (and
-/// `CREDBROKER_PROTO`, `NODE_PATH` for the gRPC ones); returns what it printed.
-async fn example(program: &Path, args: &[&str], socket: &Path) -> String {
+/// `CREDBROKER_PROTO`, `NODE_PATH` for the gRPC ones).
+async fn run_example(program: &Path, args: &[&str], socket: &Path) -> std::process::Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = tokio::time::timeout(
         WAIT,
@@ -147,6 +147,12 @@ async fn example(program: &Path, args: &[&str], socket: &Path) -> String {
     .await
     .expect("the example finished in time")
     .unwrap();
+    out
+}
+
+/// [`run_example`], which must succeed; what it printed.
+async fn example(program: &Path, args: &[&str], socket: &Path) -> String {
+    let out = run_example(program, args, socket).await;
     assert_eq!(out.status.code(), Some(0), "{:?}: {}", args, stderr(&out));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -190,21 +196,12 @@ async fn the_examples_get_the_token_none_of_them_setting_an_authority() {
 async fn node_grpc_js_reports_a_denial_with_its_status() {
     let s = Setup::new().await;
     let d = s.daemon().await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new("node")
-            .arg("examples/node_grpc.js")
-            .arg("openid")
-            .env("CREDBROKER_SOCKET", &d.socket)
-            .env("CREDBROKER_PROTO", root.join("proto"))
-            .env("NODE_PATH", root.join("tests/node/node_modules"))
-            .current_dir(&root)
-            .output(),
+    let out = run_example(
+        Path::new("node"),
+        &["examples/node_grpc.js", "openid"],
+        &d.socket,
     )
-    .await
-    .unwrap()
-    .unwrap();
+    .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("PERMISSION_DENIED"),
