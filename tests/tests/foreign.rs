@@ -133,7 +133,7 @@ async fn a_thousand_calls_on_one_connection_with_indexed_headers_and_continuatio
 /// `CREDBROKER_PROTO`, `NODE_PATH` for the gRPC ones).
 async fn run_example(program: &Path, args: &[&str], socket: &Path) -> std::process::Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = tokio::time::timeout(
+    tokio::time::timeout(
         WAIT,
         tokio::process::Command::new(program)
             .args(args)
@@ -146,8 +146,7 @@ async fn run_example(program: &Path, args: &[&str], socket: &Path) -> std::proce
     )
     .await
     .expect("the example finished in time")
-    .unwrap();
-    out
+    .unwrap()
 }
 
 /// [`run_example`], which must succeed; what it printed.
