@@ -1,9 +1,15 @@
-//! Compiles `credbroker/v1/broker.proto` with `protox` (pure Rust), so no system `protoc` is needed.
+//! Compiles `credbroker/v1/broker.proto` and `credbroker/admin/v1/admin.proto` with `protox` (pure Rust), so
+//! no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "credbroker/v1/broker.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    let descriptors = protox::compile([proto], ["."])?;
+    let protos = [
+        "credbroker/v1/broker.proto",
+        "credbroker/admin/v1/admin.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(protos, ["."])?;
     // For gRPC server reflection.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(

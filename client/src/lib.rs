@@ -144,6 +144,19 @@ impl From<tonic::Status> for Error {
     }
 }
 
+/// What a reload changed ([`Client::reload`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The daemon's status line for the new config: `serving N clients, M policies`.
+    pub summary: String,
+    /// Clients whose endpoint or credentials changed, or that are gone.
+    pub clients_changed: Vec<String>,
+    /// Cached entries dropped for them.
+    pub tokens_dropped: u64,
+    /// Settings that take effect at the next restart.
+    pub need_restart: Vec<String>,
+}
+
 /// An access token from the daemon.
 #[derive(Clone)]
 pub struct Token {
@@ -270,6 +283,8 @@ pub struct WhoAmI {
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: TokenBrokerClient<Channel>,
+    /// The same connection, for the admin API.
+    channel: Channel,
     socket: PathBuf,
     timeout: Duration,
 }
@@ -325,7 +340,8 @@ impl Client {
             .await
             .map_err(|e| connect_error(&socket, &e))?;
         Ok(Self {
-            inner: TokenBrokerClient::new(channel),
+            inner: TokenBrokerClient::new(channel.clone()),
+            channel,
             socket,
             timeout: DEFAULT_TIMEOUT,
         })
@@ -449,6 +465,59 @@ impl Client {
                 .map(|g| (g.client, g.scopes))
                 .collect(),
         })
+    }
+
+    /// Reloads the daemon's config, as SIGHUP does, and says what changed. Admins only (`daemon.admins`).
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`] for a caller that is not an admin; [`Error::InvalidArgument`] with every
+    /// config error when the new config is refused (the old one keeps serving).
+    pub async fn reload(&mut self) -> Result<Reloaded, Error> {
+        let mut admin =
+            credbroker_proto::admin::admin_client::AdminClient::new(self.channel.clone());
+        let r = self
+            .admin_call(admin.reload(credbroker_proto::admin::ReloadRequest {}))
+            .await?;
+        Ok(Reloaded {
+            summary: r.summary,
+            clients_changed: r.clients_changed,
+            tokens_dropped: r.tokens_dropped,
+            need_restart: r.need_restart,
+        })
+    }
+
+    /// Drops the daemon's cached entries of `client` (all clients if empty) whose scope set holds all of
+    /// `scopes` (any set if none); returns how many went. Admins only.
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`] for a caller that is not an admin.
+    pub async fn flush(&mut self, client: &str, scopes: &[String]) -> Result<u64, Error> {
+        let mut admin =
+            credbroker_proto::admin::admin_client::AdminClient::new(self.channel.clone());
+        let request = credbroker_proto::admin::FlushRequest {
+            client: client.to_owned(),
+            scopes: scopes.to_vec(),
+        };
+        Ok(self.admin_call(admin.flush(request)).await?.dropped)
+    }
+
+    /// An admin call with the client's timeout.
+    async fn admin_call<Resp>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    ) -> Result<Resp, Error> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) if is_transport(&status) => Err(Error::Connect {
+                socket: self.socket.clone(),
+                source: status.message().to_owned().into(),
+            }),
+            Ok(Err(status)) => Err(status.into()),
+            Err(_) => Err(Error::Timeout(format!(
+                "no answer within {:?}",
+                self.timeout
+            ))),
+        }
     }
 
     /// Sends one call with the client's timeout. A call that fails because the connection broke (the daemon

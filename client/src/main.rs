@@ -95,6 +95,21 @@ enum Command {
         #[arg(long, value_enum, default_value_t = WhoamiFormat::Text)]
         format: WhoamiFormat,
     },
+    /// Reload the daemon's config, as SIGHUP does, and print what changed (admins only). On a broken config,
+    /// print every error and exit 64; the running config keeps serving.
+    #[command(after_help = EXIT_CODES)]
+    Reload,
+    /// Drop the daemon's cached tokens of CLIENT (all clients if none) whose scope set holds every SCOPE
+    /// given (admins only), e.g. after a revocation at the IdP; print how many went.
+    #[command(after_help = EXIT_CODES)]
+    Flush {
+        /// The client whose entries to drop; every client if not given.
+        #[arg(short, long)]
+        client: Option<String>,
+        /// Only entries whose scope set holds all of these.
+        #[arg(value_name = "SCOPE")]
+        scopes: Vec<String>,
+    },
     /// Print a shell completion script (e.g. `credbroker completions bash > /etc/bash_completion.d/credbroker`).
     Completions {
         /// The shell.
@@ -358,6 +373,32 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
             });
         }
         Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
+        Command::Reload => {
+            let r = client.reload().await?;
+            let mut text = format!("reloaded: {}", r.summary);
+            if !r.clients_changed.is_empty() {
+                text.push_str(&format!(
+                    "\nclients changed: {} ({} cached tokens dropped)",
+                    r.clients_changed.join(", "),
+                    r.tokens_dropped
+                ));
+            }
+            for setting in &r.need_restart {
+                text.push_str(&format!(
+                    "\n{setting} changed: takes effect after a restart"
+                ));
+            }
+            out.line(&text)?;
+        }
+        Command::Flush {
+            client: name,
+            scopes,
+        } => {
+            let dropped = client
+                .flush(name.as_deref().unwrap_or(""), &split_scopes(&scopes))
+                .await?;
+            out.line(&format!("dropped {dropped} cached entries"))?;
+        }
         Command::Whoami { format } => {
             let me = client.whoami().await?;
             match format {

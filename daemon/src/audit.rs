@@ -129,6 +129,21 @@ fn suppressed(uid: u32, count: u64) {
     }
 }
 
+/// An admin call, allowed or refused.
+pub fn admin(caller: &Caller, call: &'static str, allowed: bool) {
+    tracing::info!(
+        target: TARGET,
+        event = "admin",
+        call,
+        allowed,
+        uid = caller.uid,
+        user = caller.user.as_deref().unwrap_or(""),
+        pid = caller.pid,
+        exe = exe(caller).as_str(),
+        "admin call"
+    );
+}
+
 /// An allowed request that got no token because the IdP failed.
 pub fn failed(caller: &Caller, client: &str, requested: &ScopeSet, reason: &dyn std::fmt::Display) {
     tracing::warn!(

@@ -55,7 +55,7 @@ pub enum Signal {
 /// How the daemon runs.
 pub struct Options {
     /// Loads the config again, for reloads.
-    pub reload_config: Box<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>,
+    pub reload_config: Arc<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>,
     /// Readiness and status notifications (`sd_notify`).
     pub notifier: Notifier,
     /// Send `WATCHDOG=1` this often.
@@ -110,9 +110,15 @@ pub async fn run(
         .set_serving::<TokenBrokerServer<service::Broker>>()
         .await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reloader = Arc::new(Reloader {
+        load: options.reload_config.clone(),
+        notifier: options.notifier.clone(),
+    });
+    let admin = serve::admin::AdminService::new(broker.clone(), reloader.clone());
     let mut server = tokio::spawn(server::serve(
         listener,
         broker.clone(),
+        admin,
         limits,
         health_service,
         async {
@@ -150,7 +156,9 @@ pub async fn run(
     let reason = loop {
         tokio::select! {
             signal = signals.next() => match signal {
-                Some(Signal::Reload) => reload(&broker, &options),
+                Some(Signal::Reload) => {
+                    let _ = reloader.reload(&broker);
+                }
                 Some(Signal::Shutdown(name)) => break name,
                 None => break "end of signals",
             },
@@ -203,38 +211,62 @@ fn summary(config: &Config) -> String {
     )
 }
 
-fn reload(broker: &service::Broker, options: &Options) {
-    notify(&options.notifier, "RELOADING=1\nSTATUS=reloading");
-    match (options.reload_config)() {
-        Ok(config) => {
-            warn_unseen_exes(&config);
-            for w in config.warnings() {
-                tracing::warn!(key = %w.key, "{}", w.message);
+/// Reloads the config: what SIGHUP and the admin API's Reload do.
+pub struct Reloader {
+    /// Loads the config again.
+    pub load: Arc<dyn Fn() -> Result<Config, ConfigErrors> + Send + Sync>,
+    /// Tells systemd about it.
+    pub notifier: Notifier,
+}
+
+/// What a successful reload did.
+pub struct ReloadOutcome {
+    /// The `STATUS=` summary of the new config.
+    pub summary: String,
+    /// The changes.
+    pub changes: service::Reloaded,
+}
+
+impl Reloader {
+    /// Loads the config and applies it to `broker`, logging and notifying systemd either way.
+    ///
+    /// # Errors
+    /// Every config error; the running config then keeps serving.
+    pub fn reload(&self, broker: &service::Broker) -> Result<ReloadOutcome, ConfigErrors> {
+        notify(&self.notifier, "RELOADING=1\nSTATUS=reloading");
+        match (self.load)() {
+            Ok(config) => {
+                warn_unseen_exes(&config);
+                for w in config.warnings() {
+                    tracing::warn!(key = %w.key, "{}", w.message);
+                }
+                let summary = summary(&config);
+                let changes = broker.reload(config);
+                tracing::info!(
+                    clients_changed = %changes.clients_changed.join(","),
+                    tokens_dropped = changes.tokens_dropped,
+                    "config reloaded: {summary}"
+                );
+                for setting in &changes.need_restart {
+                    tracing::warn!("{setting} changed: takes effect after a restart");
+                }
+                notify(&self.notifier, &format!("READY=1\nSTATUS={summary}"));
+                Ok(ReloadOutcome { summary, changes })
             }
-            let summary = summary(&config);
-            let r = broker.reload(config);
-            tracing::info!(
-                clients_changed = %r.clients_changed.join(","),
-                tokens_dropped = r.tokens_dropped,
-                "config reloaded: {summary}"
-            );
-            for setting in r.need_restart {
-                tracing::warn!("{setting} changed: takes effect after a restart");
+            Err(errors) => {
+                for e in &errors.errors {
+                    tracing::error!(key = %e.key, "{}", e.message);
+                }
+                tracing::error!(
+                    "config reload refused ({} errors); still serving the previous config",
+                    errors.errors.len()
+                );
+                notify(
+                    &self.notifier,
+                    "READY=1\nSTATUS=reload refused; serving the previous config",
+                );
+                Err(errors)
             }
-            notify(&options.notifier, &format!("READY=1\nSTATUS={summary}"));
-        }
-        Err(errors) => {
-            for e in &errors.errors {
-                tracing::error!(key = %e.key, "{}", e.message);
-            }
-            tracing::error!(
-                "config reload refused ({} errors); still serving the previous config",
-                errors.errors.len()
-            );
-            notify(
-                &options.notifier,
-                "READY=1\nSTATUS=reload refused; serving the previous config",
-            );
         }
     }
 }

@@ -326,7 +326,7 @@ async fn serve(
         .merge(on(SignalKind::interrupt(), Signal::Shutdown("SIGINT"))?);
     let path = config_path.to_owned();
     let options = Options {
-        reload_config: Box::new(move || Config::load(&path, &SecretEnv::process())),
+        reload_config: std::sync::Arc::new(move || Config::load(&path, &SecretEnv::process())),
         notifier: Notifier::new(std::env::var_os("NOTIFY_SOCKET").map(PathBuf::from)),
         watchdog: notify::watchdog_interval(
             env("WATCHDOG_USEC").as_deref(),

@@ -11,7 +11,13 @@ pub mod pb {
     tonic::include_proto!("credbroker.v1");
 }
 
-/// The encoded `FileDescriptorSet` of the API, for gRPC server reflection.
+/// Generated code for the `credbroker.admin.v1` package: the admin API.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod admin {
+    tonic::include_proto!("credbroker.admin.v1");
+}
+
+/// The encoded `FileDescriptorSet` of both APIs, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/credbroker_descriptor.bin"));
 

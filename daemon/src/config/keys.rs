@@ -52,9 +52,9 @@ pub const KEYS: &[Key] = &[
     ),
     key(
         "daemon.admins",
-        "list of user names",
+        "list of user names and `@group`s",
         "`[\"root\"]`",
-        "users who may use administrative calls (reserved for the admin service)",
+        "who may use the admin API (`credbroker reload`, `credbroker flush`): these users, and members of these groups (primary or supplementary), as the kernel identifies the caller; others get `PERMISSION_DENIED` (exit 77); every admin call is audited",
     ),
     key(
         "daemon.default_min_ttl",

@@ -1,7 +1,8 @@
 //! Serving: the socket and its connections ([`server`]), what one user may hold of them ([`limits`]), the gRPC
-//! service ([`service`]), the plain HTTP API on the same socket ([`http`]), and systemd notifications
+//! service ([`service`]), the admin API ([`admin`]), the plain HTTP API on the same socket ([`http`]), and systemd notifications
 //! ([`notify`]).
 
+pub mod admin;
 pub mod http;
 pub mod limits;
 pub mod notify;

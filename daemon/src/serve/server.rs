@@ -653,6 +653,7 @@ pub fn builder() -> tonic::transport::Server {
 pub async fn serve(
     listener: UnixListener,
     broker: Arc<Broker>,
+    admin: crate::serve::admin::AdminService,
     limits: Limits,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
@@ -693,6 +694,9 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(http_api)
+        .add_service(credbroker_proto::admin::admin_server::AdminServer::new(
+            admin,
+        ))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();

@@ -137,6 +137,26 @@ impl Broker {
         self.proc_root.clone()
     }
 
+    /// Whether `caller` is one of `daemon.admins`: a user name, or a group written `@group` (primary or
+    /// supplementary).
+    pub fn is_admin(&self, caller: &Caller) -> bool {
+        self.state()
+            .config
+            .daemon
+            .admins
+            .iter()
+            .any(|a| match a.strip_prefix('@') {
+                Some(group) => caller.groups.iter().any(|g| g == group),
+                None => caller.user.as_deref() == Some(a.as_str()),
+            })
+    }
+
+    /// Drops cached entries of `client` (every client if empty) whose scope set holds all of `scopes`;
+    /// returns how many went.
+    pub fn flush(&self, client: &str, scopes: &[String]) -> usize {
+        self.cache.flush(client, scopes)
+    }
+
     /// Whether any policy matches `caller`: a caller no policy matches shares a small connection budget
     /// with every other such caller.
     pub fn is_known(&self, caller: &Caller) -> bool {

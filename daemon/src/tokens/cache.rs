@@ -416,6 +416,30 @@ impl TokenCache {
         dropped.len()
     }
 
+    /// Drops the entries of `client` (every client if empty) whose scope set holds every one of `scopes`
+    /// (any set if none); returns how many went. A fetch under way for a dropped entry still answers the
+    /// callers waiting on it, but its token is not cached: the entry is no longer in the map.
+    pub fn flush(&self, client: &str, scopes: &[String]) -> usize {
+        let mut dropped = Vec::new();
+        for shard in &self.inner.shards {
+            let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+            map.retain(|k, s| {
+                let hit = (client.is_empty() || *k.client == *client)
+                    && scopes
+                        .iter()
+                        .all(|want| k.scopes.iter().any(|have| have == want));
+                if hit {
+                    dropped.push(s.clone());
+                }
+                !hit
+            });
+        }
+        for slot in &dropped {
+            self.inner.unlink(slot);
+        }
+        dropped.len()
+    }
+
     /// Applies new limits: the bounds on entries and bytes (enforced from the next insert) and the default
     /// min TTL that sets refresh points (from the next token stored).
     pub fn reconfigure(&self, max_entries: usize, max_bytes: usize, default_min_ttl: Duration) {
@@ -1139,6 +1163,25 @@ mod tests {
             let _ = cache.get(&key(&[&format!("x{i}")]), DEFAULT, refuse).await;
         }
         assert_eq!((cache.len(), cache.bytes()), (entries, bytes));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn flush_drops_the_entries_of_a_client_holding_the_given_scopes() {
+        let (fake, _gate) = Fake::new(3600);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        for scopes in [&["a"][..], &["a", "b"], &["b"]] {
+            cache.get(&key(scopes), DEFAULT, open).await.unwrap();
+        }
+        assert_eq!(cache.flush("other", &[]), 0);
+        assert_eq!(cache.flush("idp", &["a".to_owned()]), 2);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.flush("", &[]), 1);
+        assert!(cache.is_empty());
+        assert_eq!(cache.bytes(), 0);
+        // The next request asks the IdP again.
+        let before = fake.calls();
+        cache.get(&key(&["a"]), DEFAULT, open).await.unwrap();
+        assert_eq!(fake.calls(), before + 1);
     }
 
     #[tokio::test(start_paused = true)]
