@@ -506,8 +506,18 @@ impl Client {
         &self,
         call: impl Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     ) -> Result<Resp, Error> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        let result = tokio::time::timeout(self.timeout, call).await;
+        self.outcome(result).map(tonic::Response::into_inner)
+    }
+
+    /// A call's result as the client reports it: a broken connection is [`Error::Connect`], no answer in
+    /// time [`Error::Timeout`], any other status its [`Error`].
+    fn outcome<Resp>(
+        &self,
+        result: Result<Result<Resp, tonic::Status>, tokio::time::error::Elapsed>,
+    ) -> Result<Resp, Error> {
+        match result {
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(status)) if is_transport(&status) => Err(Error::Connect {
                 socket: self.socket.clone(),
                 source: status.message().to_owned().into(),
@@ -545,18 +555,7 @@ impl Client {
         if matches!(&result, Ok(Err(status)) if is_transport(status)) {
             result = attempt(message).await;
         }
-        match result {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(status)) if is_transport(&status) => Err(Error::Connect {
-                socket: self.socket.clone(),
-                source: status.message().to_owned().into(),
-            }),
-            Ok(Err(status)) => Err(status.into()),
-            Err(_) => Err(Error::Timeout(format!(
-                "no answer within {:?}",
-                self.timeout
-            ))),
-        }
+        self.outcome(result)
     }
 
     /// A [`TokenSource`] that reuses the token `request` gets until it nears its min TTL.

@@ -323,7 +323,8 @@ enum Refused {
     Uid,
     /// Over the shared [`Limits::unmatched_connections`].
     Unmatched,
-    /// No valid preface within [`Limits::handshake_timeout`], or no peer credentials.
+    /// No first bytes (HTTP/2 preface or an HTTP/1.1 request) within [`Limits::handshake_timeout`], or no
+    /// peer credentials.
     Handshake,
 }
 
@@ -359,7 +360,7 @@ impl RefusedLog {
             Refused::Handshake => tracing::info!(
                 refused = n,
                 uid,
-                "connection closed before it was served: no peer credentials, or no HTTP/2 preface within {}",
+                "connection closed before it was served: no peer credentials, or no first bytes within {}",
                 humantime::format_duration(limits.handshake_timeout)
             ),
         }
