@@ -330,15 +330,26 @@ impl Client {
     /// [`Error::Connect`] when the socket cannot be reached.
     pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, Error> {
         let socket = socket.as_ref().to_owned();
-        let path = socket.clone();
         // The URI is required by the HTTP/2 layer and ignored by the connector.
-        let channel = Endpoint::from_static("http://credbroker.invalid")
-            .connect_with_connector(tower::service_fn(move |_| {
+        let endpoint = Endpoint::from_static("http://credbroker.invalid");
+        let open = || {
+            let path = socket.clone();
+            endpoint.connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move { UnixStream::connect(path).await.map(TokioIo::new) }
             }))
-            .await
-            .map_err(|e| connect_error(&socket, &e))?;
+        };
+        // A connection the daemon accepted but closed before serving it (an instance stopping while systemd
+        // keeps the socket for the next) is tried once more, as a broken call is.
+        let channel = match open().await {
+            Ok(channel) => channel,
+            Err(e) => match connect_error(&socket, &e) {
+                Error::Connect { .. } if closed_by_peer(&e) => {
+                    open().await.map_err(|e| connect_error(&socket, &e))?
+                }
+                other => return Err(other),
+            },
+        };
         Ok(Self {
             inner: TokenBrokerClient::new(channel.clone()),
             channel,
@@ -671,6 +682,22 @@ fn connect_error(socket: &Path, e: &(dyn std::error::Error + 'static)) -> Error 
     }
 }
 
+/// Whether a connection failed because the other end closed it (broken pipe, reset, early EOF) rather than
+/// because nobody listens or the socket is missing.
+fn closed_by_peer(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            K::BrokenPipe | K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof
+        )
+    })
+}
+
 /// `name (gid)` from `/etc/group`, or the bare gid.
 fn group_name(gid: u32) -> String {
     let name = std::fs::read_to_string("/etc/group")
@@ -867,5 +894,21 @@ mod tests {
         assert!(Error::from(tonic::Status::resource_exhausted("x")).is_retryable());
         assert!(Error::from(tonic::Status::failed_precondition("x")).needs_operator());
         assert!(Error::from(tonic::Status::invalid_argument("x")).is_invalid_request());
+    }
+}
+
+#[cfg(test)]
+mod connect_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_connection_the_daemon_closed_is_tried_again() {
+        use std::io::{Error as IoError, ErrorKind as K};
+        for kind in [K::BrokenPipe, K::ConnectionReset, K::UnexpectedEof] {
+            assert!(closed_by_peer(&IoError::from(kind)), "{kind:?}");
+        }
+        for kind in [K::NotFound, K::ConnectionRefused, K::PermissionDenied] {
+            assert!(!closed_by_peer(&IoError::from(kind)), "{kind:?}");
+        }
     }
 }
