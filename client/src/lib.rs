@@ -32,6 +32,9 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use secrecy;
 
+/// The admin API's messages (`credbroker.admin.v1`), as [`Client::status`] and [`Client::explain`] return them.
+pub use credbroker_proto::admin;
+
 /// The system socket.
 pub const DEFAULT_SOCKET: &str = "/run/credbroker/credbroker.sock";
 /// Timeout applied to every call unless changed with [`Client::with_timeout`].
@@ -510,6 +513,39 @@ impl Client {
             scopes: scopes.to_vec(),
         };
         Ok(self.admin_call(admin.flush(request)).await?.dropped)
+    }
+
+    /// What the daemon is doing ([`admin::StatusResponse`]): its pages gathered into one, the cache entries
+    /// of every page in `entries`. Never a token or a secret. Admins only.
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`] for a caller that is not an admin.
+    pub async fn status(&mut self) -> Result<admin::StatusResponse, Error> {
+        let mut client = admin::admin_client::AdminClient::new(self.channel.clone())
+            .max_decoding_message_size(8 << 20);
+        let gather = async {
+            let mut stream = client.status(admin::StatusRequest {}).await?.into_inner();
+            let mut status = stream.message().await?.unwrap_or_default();
+            while let Some(page) = stream.message().await? {
+                status.entries.extend(page.entries);
+            }
+            Ok::<_, tonic::Status>(status)
+        };
+        let result = tokio::time::timeout(self.timeout, gather).await;
+        self.outcome(result)
+    }
+
+    /// How the daemon's policies judge `request`'s caller asking for its client and scopes. Admins only.
+    ///
+    /// # Errors
+    /// [`Error::PermissionDenied`] for a caller that is not an admin; [`Error::InvalidArgument`] for an
+    /// unknown user, group, client or process, or an invalid scope.
+    pub async fn explain(
+        &mut self,
+        request: admin::ExplainRequest,
+    ) -> Result<admin::ExplainResponse, Error> {
+        let mut client = admin::admin_client::AdminClient::new(self.channel.clone());
+        self.admin_call(client.explain(request)).await
     }
 
     /// An admin call with the client's timeout.

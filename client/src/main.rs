@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use credbroker_client::secrecy::ExposeSecret;
-use credbroker_client::{Client, Error, Token, TokenRequest};
+use credbroker_client::{Client, Error, Token, TokenRequest, admin};
+
+mod admin_view;
 
 /// Exit codes (sysexits.h), documented in `--help` and the README.
 mod exit {
@@ -37,6 +39,15 @@ Exit codes:
       permissions keep this user out
   78  operator action needed: the IdP rejected the broker's credentials or the scope
 exec: once CMD runs, the exit status is CMD's own; 126 or 127 if it cannot be run";
+
+const EXPLAIN_EXIT_CODES: &str = "\
+Exit codes:
+  0   the request would be allowed (without scopes: some policy matches the caller)
+  1   the request would be denied (without scopes: no policy matches the caller)
+  64  bad input: unknown user, group, client or process, invalid scope
+  74  the output could not be written
+  75  the daemon is unreachable
+  77  the asker is not one of the daemon's admins (daemon.admins)";
 
 /// Least-privilege OAuth 2.0 tokens from credbrokerd, for this process as the kernel identifies it.
 #[derive(Parser)]
@@ -107,6 +118,50 @@ enum Command {
         #[arg(short, long)]
         client: Option<String>,
         /// Only entries whose scope set holds all of these.
+        #[arg(value_name = "SCOPE")]
+        scopes: Vec<String>,
+    },
+    /// Show what the daemon is doing (admins only): its version, uptime and config; each client's endpoint
+    /// and IdP health; the cached tokens (fingerprints, expiry, next renewal, hits; never a token); each caller
+    /// uid's connections and rate limit.
+    #[command(after_help = EXIT_CODES)]
+    Status {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = WhoamiFormat::Text)]
+        format: WhoamiFormat,
+    },
+    /// Explain how the daemon's policies judge a caller, without running it (admins only): the policies that
+    /// match it, the decision on CLIENT and SCOPE..., and the policies that came close, each with the key that
+    /// fails. The daemon decides, with the code that decides real calls.
+    #[command(after_help = EXPLAIN_EXIT_CODES)]
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["uid", "user", "pid"])))]
+    Explain {
+        /// The caller's uid.
+        #[arg(long, value_name = "UID")]
+        uid: Option<u32>,
+        /// The caller's user name.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// A live process, identified by the kernel as on a real call (its uid, groups, executable, unit).
+        #[arg(long, value_name = "PID", conflicts_with_all = ["group", "exe", "unit"])]
+        pid: Option<i32>,
+        /// A group of the caller, by name or gid; repeat for several, the primary first [default: the user's
+        /// groups in the group database].
+        #[arg(long, value_name = "GROUP")]
+        group: Vec<String>,
+        /// The caller's executable, matched as on a real call: by the file at that path now (device and inode).
+        #[arg(long, value_name = "PATH")]
+        exe: Option<PathBuf>,
+        /// The caller's systemd unit.
+        #[arg(long, value_name = "UNIT")]
+        unit: Option<String>,
+        /// The client the caller asks for; needed when its policies name several.
+        #[arg(short, long)]
+        client: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = WhoamiFormat::Text)]
+        format: WhoamiFormat,
+        /// Scopes the caller asks for; without any, only the matching policies are shown.
         #[arg(value_name = "SCOPE")]
         scopes: Vec<String>,
     },
@@ -272,6 +327,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli, &out)) {
         Ok(Next::Done) => ExitCode::from(exit::OK),
+        Ok(Next::Exit(code)) => ExitCode::from(code),
         Ok(Next::Exec {
             command,
             env,
@@ -294,6 +350,8 @@ fn main() -> ExitCode {
 /// What to do once the daemon has answered.
 enum Next {
     Done,
+    /// Done, with this exit status.
+    Exit(u8),
     Exec {
         command: Vec<String>,
         env: String,
@@ -398,6 +456,57 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
                 .flush(name.as_deref().unwrap_or(""), &split_scopes(&scopes))
                 .await?;
             out.line(&format!("dropped {dropped} cached entries"))?;
+        }
+        Command::Status { format } => {
+            let status = client.status().await?;
+            match format {
+                WhoamiFormat::Json => out.line(&admin_view::status_json(&status).to_string())?,
+                WhoamiFormat::Text => out.line(&admin_view::status_text(&status))?,
+            }
+        }
+        Command::Explain {
+            uid,
+            user,
+            pid,
+            group,
+            exe,
+            unit,
+            client: name,
+            format,
+            scopes,
+        } => {
+            use admin::explain_request::Who;
+            let who = match (uid, user, pid) {
+                (Some(uid), ..) => Who::Uid(uid),
+                (_, Some(user), _) => Who::User(user),
+                (.., Some(pid)) => Who::Pid(pid),
+                _ => unreachable!("clap requires one of --uid, --user, --pid"),
+            };
+            let request = admin::ExplainRequest {
+                who: Some(who),
+                groups: group,
+                exe: exe
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                unit: unit.unwrap_or_default(),
+                client: name.unwrap_or_default(),
+                scopes: split_scopes(&scopes),
+            };
+            let e = client.explain(request).await?;
+            match format {
+                WhoamiFormat::Json => out.line(&admin_view::explain_json(&e).to_string())?,
+                WhoamiFormat::Text => out.line(&admin_view::explain_text(&e))?,
+            }
+            let allowed = if e.decided {
+                e.allowed
+            } else {
+                !e.matching.is_empty()
+            };
+            return Ok(if allowed {
+                Next::Done
+            } else {
+                Next::Exit(exit::OTHER)
+            });
         }
         Command::Whoami { format } => {
             let me = client.whoami().await?;

@@ -72,9 +72,10 @@ impl Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = match &e {
+impl Error {
+    /// The gRPC status code this error is answered with (the HTTP API maps it on to an HTTP status).
+    pub fn code(&self) -> Code {
+        match self {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Scopes(_) | Error::InvalidRequest(_) | Error::LifetimeTooShort { .. } => {
                 Code::InvalidArgument
@@ -93,7 +94,13 @@ impl From<Error> for Status {
                 Code::Unavailable
             }
             Error::Token { .. } => Code::FailedPrecondition,
-        };
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
         let message = match code {
             Code::Unavailable => format!("{e}; no valid cached token; worth retrying"),
             Code::FailedPrecondition => {
@@ -102,5 +109,28 @@ impl From<Error> for Status {
             _ => e.to_string(),
         };
         Status::new(code, message)
+    }
+}
+
+/// A gRPC status code's name in lowercase: the HTTP API's `error` field and the metrics' `outcome` label.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
     }
 }

@@ -13,8 +13,8 @@
 //! - [`config`]: the TOML file, validated with every error reported at once; it builds the types of the other
 //!   groups, which never read it.
 //!
-//! Shared by them: [`audit`] (the structured audit trail), [`error`] (request errors and their one mapping to
-//! gRPC status codes), [`secret`] (secrets, never printed), [`text`] (bounded, escaped log text) and [`sys`]
+//! Shared by them: [`audit`] (the structured audit trail), [`telemetry`] (the metrics), [`error`] (request
+//! errors and their one mapping to gRPC status codes), [`secret`] (secrets, never printed), [`text`] (bounded, escaped log text) and [`sys`]
 //! (the few raw system calls, the only `unsafe` code).
 
 pub mod audit;
@@ -25,6 +25,7 @@ pub mod policy;
 pub mod secret;
 pub mod serve;
 pub mod sys;
+pub mod telemetry;
 pub mod text;
 pub mod tokens;
 
@@ -88,6 +89,12 @@ pub async fn run(
     }
     warn_unseen_exes(&config);
     let summary = summary(&config);
+    let metrics_listener = match config.daemon.metrics {
+        None => None,
+        Some(addr) => Some(serve::metrics::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen for metrics on {addr} (daemon.metrics): {e}")
+        })?),
+    };
     let limits = limits::Limits::new(
         options.nofile,
         config.daemon.max_connections_per_uid,
@@ -114,12 +121,23 @@ pub async fn run(
         load: options.reload_config.clone(),
         notifier: options.notifier.clone(),
     });
-    let admin = serve::admin::AdminService::new(broker.clone(), reloader.clone());
+    let budgets = limits::Budgets::new(limits);
+    let admin = serve::admin::AdminService::new(broker.clone(), reloader.clone(), budgets.clone());
+    let _metrics = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving metrics at http://{addr}/metrics");
+        }
+        AbortOnDrop(tokio::spawn(serve::metrics::serve(
+            listener,
+            broker.clone(),
+            budgets.clone(),
+        )))
+    });
     let mut server = tokio::spawn(server::serve(
         listener,
         broker.clone(),
         admin,
-        limits,
+        budgets,
         health_service,
         async {
             let _ = stopped.await;
@@ -242,6 +260,7 @@ impl Reloader {
                 }
                 let summary = summary(&config);
                 let changes = broker.reload(config);
+                telemetry::metrics().reload(true);
                 tracing::info!(
                     clients_changed = %changes.clients_changed.join(","),
                     tokens_dropped = changes.tokens_dropped,
@@ -254,6 +273,7 @@ impl Reloader {
                 Ok(ReloadOutcome { summary, changes })
             }
             Err(errors) => {
+                telemetry::metrics().reload(false);
                 for e in &errors.errors {
                     tracing::error!(key = %e.key, "{}", e.message);
                 }

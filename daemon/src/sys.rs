@@ -294,6 +294,50 @@ pub fn user_name(uid: u32) -> Option<String> {
     })
 }
 
+/// The primary gid of user `uid`, from NSS; `None` when there is no such user.
+pub fn user_gid(uid: u32) -> Option<u32> {
+    with_buffer(|buf| {
+        // SAFETY: all-zero bytes are a valid `passwd`; getpwuid_r overwrites it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to memory we own for the duration of the call.
+        let rc =
+            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc != 0 {
+            return Err(rc);
+        }
+        Ok((!result.is_null()).then_some(pwd.pw_gid))
+    })
+}
+
+/// The groups of user `name` as a login would get them (`getgrouplist`): `gid` first, then the supplementary
+/// groups the group database lists the user in. At most 4096.
+pub fn user_groups(name: &str, gid: u32) -> Vec<u32> {
+    let Ok(cname) = CString::new(name) else {
+        return vec![gid];
+    };
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut n = libc::c_int::try_from(groups.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `cname` is NUL-terminated; `groups` has room for `n` gids, and getgrouplist writes at most
+        // `n` of them, setting `n` to how many there are (or would be, when it returns -1).
+        let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        let n = usize::try_from(n).unwrap_or(0);
+        if rc >= 0 {
+            groups.truncate(n);
+            break;
+        }
+        if n <= groups.len() || n > 4096 {
+            groups.truncate(groups.len().min(4096));
+            break;
+        }
+        groups.resize(n, 0);
+    }
+    let mut out = vec![gid];
+    out.extend(groups.into_iter().filter(|&g| g != gid));
+    out
+}
+
 /// The name of group `gid`, from NSS; `None` when it has none.
 pub fn group_name(gid: u32) -> Option<String> {
     with_buffer(|buf| {
@@ -408,6 +452,12 @@ mod tests {
         let pidfd = pidfd_open(child.id() as i32).unwrap();
         child.wait().unwrap();
         assert!(pidfd_exited(pidfd.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn root_is_in_group_root() {
+        assert_eq!(user_gid(0), Some(0));
+        assert_eq!(user_groups("root", 0)[0], 0);
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub const KEYS: &[Key] = &[
         "daemon.admins",
         "list of user names and `@group`s",
         "`[\"root\"]`",
-        "who may use the admin API (`credbroker reload`, `credbroker flush`): these users, and members of these groups (primary or supplementary), as the kernel identifies the caller; others get `PERMISSION_DENIED` (exit 77); every admin call is audited",
+        "who may use the admin API (`credbroker status`, `explain`, `flush`, `reload`): these users, and members of these groups (primary or supplementary), as the kernel identifies the caller; others get `PERMISSION_DENIED` (exit 77); every admin call is audited",
     ),
     key(
         "daemon.default_min_ttl",
@@ -103,6 +103,18 @@ pub const KEYS: &[Key] = &[
         "duration",
         "`\"5m\"`",
         "a connection with no call in flight for this long is closed (clients reconnect by themselves); a new connection must start its first call within 10 s, or this if shorter",
+    ),
+    key(
+        "daemon.metrics",
+        "address:port",
+        "off",
+        "serve Prometheus metrics (text format 0.0.4) at `http://ADDRESS/metrics`, e.g. `\"127.0.0.1:9464\"`; a loopback address unless `allow_remote_metrics`",
+    ),
+    key(
+        "daemon.allow_remote_metrics",
+        "bool",
+        "`false`",
+        "let `daemon.metrics` listen on a non-loopback address (the metrics name clients and show IdP health, never tokens or secrets)",
     ),
     key(
         "daemon.log_format",

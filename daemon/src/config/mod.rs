@@ -43,6 +43,19 @@ pub struct Config {
     pub clients: BTreeMap<String, Arc<ClientConfig>>,
     /// `[[policy]]`, in file order.
     pub policies: PolicySet,
+    /// The file it came from, when, and a digest of its bytes (`None` for text parsed directly).
+    pub origin: Option<Origin>,
+}
+
+/// Where a config came from, for `credbroker status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file.
+    pub path: PathBuf,
+    /// When it was read.
+    pub loaded_at: std::time::SystemTime,
+    /// SHA-256 of its bytes, in hex.
+    pub sha256: String,
 }
 
 /// `[daemon]`.
@@ -71,6 +84,8 @@ pub struct DaemonConfig {
     pub idle_timeout: Duration,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Where the Prometheus metrics endpoint listens, if anywhere (off by default).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How log lines are written.
@@ -142,10 +157,17 @@ impl Config {
                 message: format!("cannot read the config file: {e}"),
             }],
         })?;
-        Self::parse(&text, env).map_err(|mut e| {
+        let mut config = Self::parse(&text, env).map_err(|mut e| {
             e.path = Some(path.to_owned());
             e
-        })
+        })?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        config.origin = Some(Origin {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
+            loaded_at: std::time::SystemTime::now(),
+            sha256: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+        });
+        Ok(config)
     }
 
     /// Validates config text, loading its secrets.
@@ -249,6 +271,7 @@ impl Config {
             daemon: daemon.unwrap_or_else(DaemonConfig::defaults),
             clients,
             policies: PolicySet::new(policies),
+            origin: None,
         })
     }
 
@@ -360,6 +383,7 @@ impl DaemonConfig {
             max_cache_bytes: 64 << 20,
             max_connections_per_uid: crate::serve::limits::PER_UID_CONNECTIONS,
             idle_timeout: crate::serve::limits::IDLE_TIMEOUT,
+            metrics: None,
             log_format: LogFormat::Text,
         }
     }
@@ -674,6 +698,34 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
     if let Some(v) = t.get("idle_timeout") {
         if let Some(idle) = duration(errs, &t.key("idle_timeout"), v) {
             d.idle_timeout = idle;
+        }
+    }
+    let allow_remote = match t.get("allow_remote_metrics") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => {
+            errs.push(t.key("allow_remote_metrics"), "expected true or false");
+            false
+        }
+    };
+    if let Some(v) = t.get("metrics") {
+        let key = t.key("metrics");
+        if let Some(s) = string(errs, &key, v) {
+            match s.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.ip().is_loopback() || allow_remote => d.metrics = Some(addr),
+                Ok(addr) => errs.push(
+                    key,
+                    format!(
+                        "{addr} is not a loopback address: the metrics name your clients and show their IdPs' \
+                         health to whoever can reach the port; use 127.0.0.1 or [::1], or set \
+                         allow_remote_metrics = true"
+                    ),
+                ),
+                Err(_) => errs.push(
+                    key,
+                    format!("{s:?} is not an address and port such as \"127.0.0.1:9464\""),
+                ),
+            }
         }
     }
     t.finish(errs);
@@ -1228,6 +1280,36 @@ scopes = ["scim:read", "internal_*"]
         assert_eq!(
             keys,
             ["daemon.max_cache_bytes", "daemon.max_connections_per_uid"]
+        );
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_unless_remote_is_allowed() {
+        let f = Fixture::new();
+        let with = |extra: &str| GOOD.replace("socket_mode = \"0660\"", extra);
+        assert_eq!(
+            f.parse(GOOD).unwrap().daemon.metrics,
+            None,
+            "off by default"
+        );
+        let c = f.parse(&with("metrics = \"127.0.0.1:9464\"")).unwrap();
+        assert_eq!(c.daemon.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        let errs = f.parse(&with("metrics = \"0.0.0.0:9464\"")).unwrap_err();
+        assert_eq!(errs.errors[0].key, "daemon.metrics");
+        assert!(
+            errs.errors[0].message.contains("allow_remote_metrics"),
+            "{errs}"
+        );
+        let c = f
+            .parse(&with(
+                "metrics = \"0.0.0.0:9464\"\nallow_remote_metrics = true",
+            ))
+            .unwrap();
+        assert_eq!(c.daemon.metrics, Some("0.0.0.0:9464".parse().unwrap()));
+        let errs = f.parse(&with("metrics = \"localhost\"")).unwrap_err();
+        assert!(
+            errs.errors[0].message.contains("not an address and port"),
+            "{errs}"
         );
     }
 

@@ -132,6 +132,47 @@ impl PeerCred {
         })
     }
 
+    /// The credentials of live process `pid`, for `credbroker explain --pid`: pinned by a pidfd first, then its
+    /// effective uid and gid and its supplementary groups read from `/proc/<pid>/status`, which belong to it
+    /// because the pidfd still says it is alive afterwards. [`identify`](Self::identify) completes the
+    /// identity as for a real call.
+    ///
+    /// # Errors
+    /// [`PeerError`] when there is no such process, or it exits meanwhile.
+    pub fn of_process(pid: i32, proc_root: &Path) -> Result<Self, PeerError> {
+        let pidfd = sys::pidfd_open(pid).map_err(|source| PeerError::Pidfd { pid, source })?;
+        let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status"))
+            .map_err(|source| PeerError::Proc { pid, source })?;
+        let field = |key: &str| -> Vec<u32> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|ids| {
+                    ids.split_whitespace()
+                        .filter_map(|i| i.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let unreadable = || PeerError::Proc {
+            pid,
+            source: io::Error::other("no Uid or Gid line in its status"),
+        };
+        // Real, effective, saved, filesystem: the effective one is what SO_PEERCRED reports.
+        let uid = *field("Uid:").get(1).ok_or_else(unreadable)?;
+        let gid = *field("Gid:").get(1).ok_or_else(unreadable)?;
+        let cred = Self {
+            uid,
+            gid,
+            pid: Some(pid),
+            groups: field("Groups:"),
+            pidfd: Some(pidfd),
+            pinned_late: false,
+        };
+        cred.ensure_alive()?;
+        Ok(cred)
+    }
+
     /// Fails unless the peer process is still the one that connected.
     ///
     /// # Errors
@@ -335,6 +376,53 @@ impl fmt::Display for Caller {
             write!(f, " unit=\"{}\"", crate::text::clip_escaped(unit))?;
         }
         Ok(())
+    }
+}
+
+impl Caller {
+    /// A caller described rather than connected, for `credbroker explain`: user `uid` with `gids` (primary
+    /// first), running `exe` in `unit`. The executable is identified as on a real call, by the file at that path
+    /// now (device and inode); a path that cannot be stat'ed identifies nothing, so `exe` policies do not match.
+    /// Returns notes on what could not be resolved.
+    pub fn described(
+        uid: u32,
+        gids: Vec<u32>,
+        exe: Option<PathBuf>,
+        unit: Option<String>,
+    ) -> (Self, Vec<String>) {
+        let mut notes = Vec::new();
+        let exe_id = exe.as_ref().and_then(|path| match FileId::of(path) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                notes.push(format!(
+                    "cannot stat {}: {e}; exe policies do not match",
+                    path.display()
+                ));
+                None
+            }
+        });
+        let user = user_name(uid);
+        if user.is_none() {
+            notes.push(format!(
+                "uid {uid} has no user name; user policies do not match"
+            ));
+        }
+        let groups = gids
+            .iter()
+            .map(|&g| group_name(g).unwrap_or_else(|| g.to_string()))
+            .collect();
+        let caller = Self {
+            uid,
+            gid: gids.first().copied().unwrap_or(uid),
+            pid: 0,
+            user,
+            gids,
+            groups,
+            exe,
+            exe_id,
+            unit,
+        };
+        (caller, notes)
     }
 }
 

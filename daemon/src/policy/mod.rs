@@ -61,6 +61,87 @@ impl Matcher {
             && key(&self.exe, |e| exe_matches(e, caller))
             && key(&self.unit, |u| caller.unit.as_deref() == Some(u.as_str()))
     }
+
+    /// The first `match` key the caller fails, and how: for `credbroker explain`.
+    pub fn mismatch(&self, caller: &Caller) -> Option<(&'static str, String)> {
+        if self.any {
+            return None;
+        }
+        fn check<T: fmt::Debug>(
+            key: &'static str,
+            want: &Option<Vec<T>>,
+            has: impl Fn(&T) -> bool,
+            caller_has: impl FnOnce() -> String,
+        ) -> Option<(&'static str, String)> {
+            let alts = want.as_ref()?;
+            (!alts.iter().any(has)).then(|| {
+                let want = match alts.as_slice() {
+                    [one] => format!("{one:?}"),
+                    many => format!("one of {many:?}"),
+                };
+                (
+                    key,
+                    format!("wants {want}; the caller has {}", caller_has()),
+                )
+            })
+        }
+        let or_none = |v: Option<String>| v.map_or_else(|| "none".to_owned(), |v| format!("{v:?}"));
+        check(
+            "match.uid",
+            &self.uid,
+            |u| *u == caller.uid,
+            || caller.uid.to_string(),
+        )
+        .or_else(|| {
+            check(
+                "match.user",
+                &self.user,
+                |u| caller.user.as_deref() == Some(u.as_str()),
+                || or_none(caller.user.clone()),
+            )
+        })
+        .or_else(|| {
+            check(
+                "match.gid",
+                &self.gid,
+                |g| caller.gids.contains(g),
+                || format!("{:?}", caller.gids),
+            )
+        })
+        .or_else(|| {
+            check(
+                "match.group",
+                &self.group,
+                |g| caller.groups.contains(g),
+                || format!("{:?}", caller.groups),
+            )
+        })
+        .or_else(|| {
+            check(
+                "match.exe",
+                &self.exe,
+                |e| exe_matches(e, caller),
+                || match (&caller.exe, caller.exe_id) {
+                    (Some(exe), Some(_)) => {
+                        format!("{:?}, another file", exe.display().to_string())
+                    }
+                    (Some(exe), None) => format!(
+                        "{:?}, which cannot be identified",
+                        exe.display().to_string()
+                    ),
+                    (None, _) => "no known executable".to_owned(),
+                },
+            )
+        })
+        .or_else(|| {
+            check(
+                "match.unit",
+                &self.unit,
+                |u| caller.unit.as_deref() == Some(u.as_str()),
+                || or_none(caller.unit.clone()),
+            )
+        })
+    }
 }
 
 /// Whether the caller's executable is the file at `path` now: the same device and inode. The path is
@@ -275,6 +356,117 @@ impl PolicySet {
     }
 }
 
+/// A policy that came close to allowing a request, and the key that fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NearMiss {
+    /// The policy's name.
+    pub policy: String,
+    /// The failing key: `clients`, `scopes`, or a `match.*` key.
+    pub key: String,
+    /// How it fails.
+    pub detail: String,
+}
+
+/// How the policies judge a request, for `credbroker explain`.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The policies that match the caller.
+    pub matching: Vec<Policy>,
+    /// The decision, when scopes were given: made by [`PolicySet::authorize`], as for a real call.
+    pub decision: Option<Result<Allowed, Refusal>>,
+    /// The client judged: the requested one, or the one the caller's policies resolve to.
+    pub client: Option<String>,
+    /// Policies that came close (listed unless the request is allowed): those that match the caller but not
+    /// the client or a scope, and those that name the client and allow every requested scope the caller's own
+    /// policies do not, but do not match the caller.
+    pub near_misses: Vec<NearMiss>,
+}
+
+impl PolicySet {
+    /// Explains how `caller` asking for `client` (empty for the only one its policies name) and `scopes` is
+    /// judged: the matching policies, the decision (if any scopes are given), and the policies that came close.
+    ///
+    /// # Errors
+    /// [`Refusal::UnknownClient`] for a client the config does not have.
+    pub fn explain(
+        &self,
+        caller: &Caller,
+        client: &str,
+        scopes: &ScopeSet,
+        is_client: impl Fn(&str) -> bool,
+    ) -> Result<Explanation, Refusal> {
+        if !client.is_empty() && !is_client(client) {
+            return Err(Refusal::UnknownClient(client.to_owned()));
+        }
+        let matching: Vec<Policy> = self
+            .policies
+            .iter()
+            .filter(|p| p.matcher.matches(caller))
+            .cloned()
+            .collect();
+        let decision =
+            (!scopes.is_empty()).then(|| self.authorize(caller, client, scopes, &is_client));
+        let resolved = match &decision {
+            Some(Ok(a)) => Some(a.client.clone()),
+            Some(Err(
+                Refusal::ClientNotAllowed { client, .. } | Refusal::ScopeNotAllowed { client, .. },
+            )) => Some(client.clone()),
+            _ if !client.is_empty() => Some(client.to_owned()),
+            _ => None,
+        };
+        let mut near_misses = Vec::new();
+        if !matches!(decision, Some(Ok(_))) {
+            // Policies for this caller that do not name the client, or not every scope.
+            for p in &matching {
+                if let Some(c) = &resolved
+                    && !p.names(c)
+                {
+                    near_misses.push(NearMiss {
+                        policy: p.name.clone(),
+                        key: "clients".to_owned(),
+                        detail: format!("names {:?}, not {c:?}", p.clients),
+                    });
+                } else if let Some(scope) = scopes.iter().find(|s| !p.allows(s)) {
+                    near_misses.push(NearMiss {
+                        policy: p.name.clone(),
+                        key: "scopes".to_owned(),
+                        detail: format!("does not allow {scope:?}"),
+                    });
+                }
+            }
+            // Policies that would grant what the caller's own policies do not, to another caller.
+            let missing: Vec<&str> = scopes
+                .iter()
+                .filter(|s| {
+                    !matching
+                        .iter()
+                        .any(|p| resolved.as_ref().is_none_or(|c| p.names(c)) && p.allows(s))
+                })
+                .collect();
+            for p in self.policies.iter().filter(|p| !p.matcher.matches(caller)) {
+                let grants_client = resolved.as_ref().is_none_or(|c| p.names(c));
+                if grants_client && missing.iter().all(|s| p.allows(s)) {
+                    let (key, detail) = p
+                        .matcher
+                        .mismatch(caller)
+                        .unwrap_or(("match", "does not match the caller".to_owned()));
+                    near_misses.push(NearMiss {
+                        policy: p.name.clone(),
+                        key: key.to_owned(),
+                        detail,
+                    });
+                }
+            }
+        }
+        Ok(Explanation {
+            matching,
+            decision,
+            client: resolved,
+            near_misses,
+        })
+    }
+}
+
 impl fmt::Display for Matcher {
     /// The `match` table as it would be written in TOML, for `check-config`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -481,5 +673,87 @@ mod tests {
         let grants = ps.grants(&c);
         assert_eq!(grants["idp"], ["x"]);
         assert_eq!(grants["other"], ["y"]);
+    }
+
+    #[test]
+    fn explain_names_the_policies_that_came_close_and_their_failing_key() {
+        let c = caller(1001, "billing", &[(1001, "billing")], "/usr/bin/env");
+        let ps = PolicySet::new(vec![
+            policy(
+                "billing-read",
+                Matcher {
+                    user: Some(vec!["billing".into()]),
+                    ..Matcher::default()
+                },
+                &["idp"],
+                &["scim:read"],
+            ),
+            policy(
+                "ops-write",
+                Matcher {
+                    user: Some(vec!["ops".into()]),
+                    ..Matcher::default()
+                },
+                &["idp"],
+                &["scim:*"],
+            ),
+            policy(
+                "sh-only",
+                Matcher {
+                    user: Some(vec!["billing".into()]),
+                    exe: Some(vec!["/bin/sh".into()]),
+                    ..Matcher::default()
+                },
+                &["idp"],
+                &["scim:write"],
+            ),
+            policy(
+                "other-idp",
+                Matcher {
+                    any: true,
+                    ..Matcher::default()
+                },
+                &["other"],
+                &["x"],
+            ),
+        ]);
+        let e = ps.explain(&c, "idp", &set(&["scim:write"]), known).unwrap();
+        let names: Vec<&str> = e.matching.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["billing-read", "other-idp"]);
+        assert!(matches!(
+            &e.decision,
+            Some(Err(Refusal::ScopeNotAllowed { scope, .. })) if scope == "scim:write"
+        ));
+        let misses: Vec<(&str, &str)> = e
+            .near_misses
+            .iter()
+            .map(|m| (m.policy.as_str(), m.key.as_str()))
+            .collect();
+        assert_eq!(
+            misses,
+            [
+                ("billing-read", "scopes"),
+                ("other-idp", "clients"),
+                ("ops-write", "match.user"),
+                ("sh-only", "match.exe"),
+            ]
+        );
+        assert!(
+            e.near_misses[2].detail.contains("\"ops\""),
+            "{:?}",
+            e.near_misses[2]
+        );
+        // Allowed: the decision, and no near misses.
+        let ok = ps.explain(&c, "idp", &set(&["scim:read"]), known).unwrap();
+        assert_eq!(ok.decision.unwrap().unwrap().policies, ["billing-read"]);
+        assert!(ok.near_misses.is_empty());
+        // No scopes: no decision, the matching policies only.
+        let none = ps.explain(&c, "", &ScopeSet::default(), known).unwrap();
+        assert!(none.decision.is_none());
+        assert_eq!(none.matching.len(), 2);
+        assert_eq!(
+            ps.explain(&c, "nope", &set(&["x"]), known).unwrap_err(),
+            Refusal::UnknownClient("nope".into())
+        );
     }
 }

@@ -42,6 +42,14 @@ pub enum ScopeError {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScopeSet(Arc<[String]>);
 
+impl Default for ScopeSet {
+    /// The empty set: no request carries it (`parse` refuses an empty list); `credbroker explain` without
+    /// scopes does.
+    fn default() -> Self {
+        Self(Arc::from(Vec::new()))
+    }
+}
+
 impl ScopeSet {
     /// Validates and canonicalises a requested scope list: order and duplicates do not matter.
     ///

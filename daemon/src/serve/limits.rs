@@ -159,6 +159,21 @@ impl Budgets {
         })
     }
 
+    /// Every bucket in use: its connections and calls in flight.
+    pub fn usage(&self) -> Vec<(Bucket, usize, usize)> {
+        let per_bucket = self.limits.per_uid_calls;
+        self.lock()
+            .iter()
+            .map(|(b, u)| {
+                (
+                    *b,
+                    u.connections,
+                    per_bucket.saturating_sub(u.calls.available_permits()),
+                )
+            })
+            .collect()
+    }
+
     /// Connections counted in `bucket` now.
     pub fn connections(&self, bucket: Bucket) -> usize {
         self.lock().get(&bucket).map_or(0, |u| u.connections)

@@ -1,10 +1,11 @@
 //! Serving: the socket and its connections ([`server`]), what one user may hold of them ([`limits`]), the gRPC
-//! service ([`service`]), the admin API ([`admin`]), the plain HTTP API on the same socket ([`http`]), and systemd notifications
-//! ([`notify`]).
+//! service ([`service`]), the admin API ([`admin`]), the plain HTTP API on the same socket ([`http`]), the
+//! Prometheus endpoint ([`metrics`]), and systemd notifications ([`notify`]).
 
 pub mod admin;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod service;

@@ -334,6 +334,9 @@ struct RefusedLog([AtomicU64; 4]);
 
 impl RefusedLog {
     fn count(&self, why: Refused, limits: &Limits, uid: Option<u32>) {
+        if !matches!(why, Refused::Handshake) {
+            crate::telemetry::metrics().connection_refused();
+        }
         let n = self.0[why as usize].fetch_add(1, Ordering::Relaxed) + 1;
         if !n.is_power_of_two() {
             return;
@@ -646,7 +649,7 @@ pub fn builder() -> tonic::transport::Server {
 }
 
 /// Serves `broker`, gRPC health (`grpc.health.v1.Health`, reported through `health`) and server reflection
-/// on `listener` under `limits` until `shutdown` completes, then stops accepting and lets in-flight calls
+/// on `listener`, counting connections and calls in `budgets`, until `shutdown` completes, then stops accepting and lets in-flight calls
 /// finish.
 ///
 /// # Errors
@@ -655,7 +658,7 @@ pub async fn serve(
     listener: UnixListener,
     broker: Arc<Broker>,
     admin: crate::serve::admin::AdminService,
-    limits: Limits,
+    budgets: Arc<Budgets>,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -678,8 +681,8 @@ pub async fn serve(
     };
     let acceptor = Arc::new(Acceptor {
         stop,
-        budgets: Budgets::new(limits),
-        global: Arc::new(Semaphore::new(limits.max_connections)),
+        global: Arc::new(Semaphore::new(budgets.limits().max_connections)),
+        budgets,
         broker: broker.clone(),
         refused: RefusedLog::default(),
     });
@@ -695,9 +698,10 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(http_api)
-        .add_service(credbroker_proto::admin::admin_server::AdminServer::new(
-            admin,
-        ))
+        .add_service(
+            credbroker_proto::admin::admin_server::AdminServer::new(admin)
+                .max_decoding_message_size(MAX_MESSAGE_LEN),
+        )
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();

@@ -3,9 +3,10 @@
 //! GetToken: identify the caller (kernel credentials of the connection, pidfd-checked on every call), validate
 //! the request, decide by policy, then serve from the cache or fetch from the IdP, and audit the outcome.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use credbroker_proto::pb;
 use secrecy::ExposeSecret;
@@ -13,16 +14,17 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::audit;
-use crate::config::Config;
+use crate::config::{Config, Origin};
 use crate::error::Error;
 use crate::identity::conn::Connection;
 use crate::identity::peer::{Caller, PeerError};
 use crate::policy::scope::ScopeSet;
+use crate::telemetry;
 use crate::tokens::cache::{CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache};
 use crate::tokens::client::ClientConfig;
 use crate::tokens::ratelimit::RateLimiter;
 use crate::tokens::retry::{RetryPolicy, with_retries};
-use crate::tokens::upstream::{Upstream, UpstreamError};
+use crate::tokens::upstream::{Issued, Upstream, UpstreamError};
 
 /// Longest `min_ttl_seconds` accepted.
 pub const MAX_MIN_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -31,18 +33,77 @@ pub const MAX_CLIENT_NAME: usize = 64;
 
 type Clients = std::collections::BTreeMap<String, Arc<ClientConfig>>;
 
+/// How a client's IdP has been answering, for `credbroker status`.
+#[derive(Clone, Debug, Default)]
+pub struct IdpHealth {
+    /// When it last issued a token.
+    pub last_success: Option<SystemTime>,
+    /// When it last failed, with the outcome code (as the metrics label it) and the error.
+    pub last_failure: Option<(SystemTime, &'static str, String)>,
+    /// Token requests sent since start.
+    pub requests: u64,
+    /// Those that failed.
+    pub failures: u64,
+}
+
+type Health = Arc<Mutex<BTreeMap<String, IdpHealth>>>;
+
+/// Records one token request to `client`'s IdP: in its [`IdpHealth`] and the metrics. A request still
+/// unanswered when dropped (the retry budget ran out) counts as a timeout.
+struct Attempt {
+    health: Health,
+    client: Arc<ClientConfig>,
+    started: Instant,
+    done: bool,
+}
+
+impl Attempt {
+    fn finish(mut self, result: &Result<Issued, UpstreamError>) {
+        self.done = true;
+        match result {
+            Ok(_) => self.record("2xx", None),
+            Err(e) => self.record(e.outcome(), Some(e.to_string())),
+        }
+    }
+
+    fn record(&self, outcome: &'static str, error: Option<String>) {
+        telemetry::metrics().idp_request(&self.client.name, outcome, self.started.elapsed());
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let h = health.entry(self.client.name.clone()).or_default();
+        h.requests += 1;
+        match error {
+            None => h.last_success = Some(SystemTime::now()),
+            Some(e) => {
+                h.failures += 1;
+                h.last_failure = Some((SystemTime::now(), outcome, e));
+            }
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.done {
+            let e = UpstreamError::Timeout(self.started.elapsed());
+            self.record(e.outcome(), Some(e.to_string()));
+        }
+    }
+}
+
 /// Gets tokens from the configured IdPs, retrying transient failures.
 struct IdpFetcher {
     /// The current clients: replaced on reload.
     clients: Arc<RwLock<Clients>>,
     upstream: Upstream,
     retry: RetryPolicy,
+    health: Health,
 }
 
 impl Fetcher for IdpFetcher {
     fn fetch(&self, key: &CacheKey) -> FetchFuture {
         let client = read(&self.clients).get(&*key.client).cloned();
         let (upstream, retry, scopes) = (self.upstream.clone(), self.retry, key.scopes.clone());
+        let health = self.health.clone();
         Box::pin(async move {
             let Some(client) = client else {
                 return Err(UpstreamError::InvalidResponse(
@@ -50,7 +111,18 @@ impl Fetcher for IdpFetcher {
                 ));
             };
             let result = with_retries(&retry, &client.name, &scopes, || {
-                upstream.fetch(&client, &scopes)
+                let attempt = Attempt {
+                    health: health.clone(),
+                    client: client.clone(),
+                    started: Instant::now(),
+                    done: false,
+                };
+                let (upstream, client, scopes) = (upstream.clone(), client.clone(), scopes.clone());
+                async move {
+                    let result = upstream.fetch(&client, &scopes).await;
+                    attempt.finish(&result);
+                    result
+                }
             })
             .await;
             if let Err(e) = &result {
@@ -93,6 +165,8 @@ pub struct Broker {
     upstream: Upstream,
     cache: TokenCache,
     proc_root: Arc<Path>,
+    health: Health,
+    started: (SystemTime, Instant),
     /// Denials logged per uid up to a rate.
     pub denials: audit::Denials,
 }
@@ -101,10 +175,12 @@ impl Broker {
     /// A broker serving `config`, fetching through `upstream`. `proc_root` is `/proc` outside tests.
     pub fn new(config: Arc<Config>, upstream: Upstream, proc_root: &Path) -> Self {
         let clients = Arc::new(RwLock::new(config.clients.clone()));
+        let health = Health::default();
         let fetcher = IdpFetcher {
             clients: clients.clone(),
             upstream: upstream.clone(),
             retry: RetryPolicy::default(),
+            health: health.clone(),
         };
         let cache = TokenCache::new(
             Arc::new(fetcher),
@@ -124,8 +200,80 @@ impl Broker {
             upstream,
             cache,
             proc_root: proc_root.into(),
+            health,
+            started: (SystemTime::now(), Instant::now()),
             denials: audit::Denials::default(),
         }
+    }
+
+    /// When the broker started: wall-clock time, and the monotonic instant for uptime.
+    pub fn started(&self) -> (SystemTime, Instant) {
+        self.started
+    }
+
+    /// The running config.
+    pub fn config(&self) -> Arc<Config> {
+        self.state().config.clone()
+    }
+
+    /// Where the running config came from.
+    pub fn origin(&self) -> Option<Origin> {
+        self.state().config.origin.clone()
+    }
+
+    /// The token cache, for status and metrics.
+    pub fn cache(&self) -> &TokenCache {
+        &self.cache
+    }
+
+    /// Each caller uid's rate-limit bucket.
+    pub fn rate_limits(
+        &self,
+    ) -> (
+        crate::tokens::ratelimit::Rate,
+        Vec<crate::tokens::ratelimit::BucketStatus>,
+    ) {
+        let limiter = self.state().limiter.clone();
+        (limiter.rate(), limiter.buckets(Instant::now()))
+    }
+
+    /// Each configured client with its IdP's health and its token endpoint as discovered (if it was).
+    pub fn clients(&self) -> Vec<(Arc<ClientConfig>, IdpHealth, Option<url::Url>)> {
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        read(&self.clients)
+            .values()
+            .map(|c| {
+                let discovered = match (&c.token_url, &c.issuer) {
+                    (None, Some(issuer)) => self.upstream.discovered(issuer),
+                    _ => None,
+                };
+                (
+                    c.clone(),
+                    health.get(&c.name).cloned().unwrap_or_default(),
+                    discovered,
+                )
+            })
+            .collect()
+    }
+
+    /// Explains how the running policies judge `caller` asking for `client` and `scopes`.
+    ///
+    /// # Errors
+    /// [`Refusal::UnknownClient`](crate::policy::Refusal::UnknownClient).
+    pub fn explain(
+        &self,
+        caller: &Caller,
+        client: &str,
+        scopes: &ScopeSet,
+    ) -> Result<crate::policy::Explanation, crate::policy::Refusal> {
+        let config = self.config();
+        config
+            .policies
+            .explain(caller, client, scopes, |c| config.clients.contains_key(c))
     }
 
     fn state(&self) -> Arc<State> {
@@ -191,6 +339,13 @@ impl Broker {
         if o.log_format != n.log_format {
             need_restart.push("daemon.log_format");
         }
+        if o.metrics != n.metrics {
+            need_restart.push("daemon.metrics, allow_remote_metrics");
+        }
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, _| new.clients.contains_key(name));
         self.cache
             .reconfigure(n.max_cached_tokens, n.max_cache_bytes, n.default_min_ttl);
         let limiter = if o.rate_limit == n.rate_limit {
@@ -226,7 +381,22 @@ impl Broker {
         Ok((conn, caller))
     }
 
+    /// GetToken, over gRPC or HTTP.
     pub(crate) async fn token(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<pb::GetTokenResponse, Error> {
+        let result = self.decide_and_fetch(request).await;
+        telemetry::metrics().call(
+            "GetToken",
+            result
+                .as_ref()
+                .map_or_else(Error::code, |_| tonic::Code::Ok),
+        );
+        result
+    }
+
+    async fn decide_and_fetch(
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<pb::GetTokenResponse, Error> {
@@ -317,7 +487,22 @@ impl Broker {
         })
     }
 
+    /// WhoAmI, over gRPC or HTTP.
     pub(crate) async fn whoami(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<pb::WhoAmIResponse, Error> {
+        let result = self.describe_caller(request).await;
+        telemetry::metrics().call(
+            "WhoAmI",
+            result
+                .as_ref()
+                .map_or_else(Error::code, |_| tonic::Code::Ok),
+        );
+        result
+    }
+
+    async fn describe_caller(
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<pb::WhoAmIResponse, Error> {

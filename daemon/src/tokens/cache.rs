@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::policy::scope::ScopeSet;
+use crate::telemetry::{Lookup, metrics};
 use crate::tokens::retry::random_fraction;
 use crate::tokens::upstream::{Issued, UpstreamError};
 
@@ -138,6 +139,38 @@ impl CachedToken {
         left >= min_ttl.required(self.lifetime)
             || (!left.is_zero() && min_ttl.unsatisfiable(self.lifetime))
     }
+}
+
+/// One cache entry, as `credbroker status` shows it.
+#[derive(Clone, Debug)]
+pub struct EntryStatus {
+    /// The client.
+    pub client: Arc<str>,
+    /// The requested scope set.
+    pub scopes: ScopeSet,
+    /// The cached token, if any.
+    pub token: Option<TokenStatus>,
+    /// Requests served from the cached token.
+    pub hits: u64,
+    /// The last request for this key.
+    pub last_used: Instant,
+    /// Whether a fetch is under way.
+    pub fetching: bool,
+    /// A remembered IdP refusal.
+    pub refused: Option<String>,
+}
+
+/// What `credbroker status` shows of a cached token: never the token.
+#[derive(Clone, Debug)]
+pub struct TokenStatus {
+    /// Its fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The scopes granted.
+    pub granted: ScopeSet,
+    /// When it expires.
+    pub expires_at: Instant,
+    /// When it is renewed, if still in use.
+    pub renews_at: Instant,
 }
 
 /// How long a handed-out token must stay valid.
@@ -273,6 +306,10 @@ struct Slot {
     state: Mutex<SlotState>,
     /// Milliseconds since the cache's epoch at the last request for this key.
     last_used: AtomicU64,
+    /// Requests served from the cached token.
+    hits: AtomicU64,
+    /// Whether the last renewal ahead of expiry failed (and no fetch has succeeded since).
+    renewal_failing: std::sync::atomic::AtomicBool,
     refresher: Mutex<Option<JoinHandle<()>>>,
     /// Its place in the eviction order, and the bytes it is counted for.
     place: Mutex<Place>,
@@ -337,6 +374,15 @@ impl Slot {
     fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Counts a request served from the cached token.
+    fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        metrics().lookup(Lookup::Hit);
+        if self.renewal_failing.load(Ordering::Relaxed) {
+            metrics().stale_serve();
+        }
+    }
 }
 
 struct Inner {
@@ -345,6 +391,8 @@ struct Inner {
     entries: std::sync::atomic::AtomicUsize,
     /// Their estimated bytes.
     bytes: std::sync::atomic::AtomicUsize,
+    /// Fetches under way (shared with the fetch tasks, which hold no strong reference to the cache).
+    fetching: Arc<std::sync::atomic::AtomicUsize>,
     /// Every entry in eviction order. Never locked while a shard lock is held, nor the other way round.
     order: Mutex<BTreeMap<Order, CacheKey>>,
     /// Next sequence number for [`Order`].
@@ -369,6 +417,7 @@ impl TokenCache {
                 shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
                 entries: std::sync::atomic::AtomicUsize::new(0),
                 bytes: std::sync::atomic::AtomicUsize::new(0),
+                fetching: Arc::default(),
                 order: Mutex::new(BTreeMap::new()),
                 seq: AtomicU64::new(0),
                 hasher: std::collections::hash_map::RandomState::new(),
@@ -396,6 +445,51 @@ impl TokenCache {
     /// The bytes the cache's entries take, as estimated per entry.
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Fetches from the IdP under way.
+    pub fn fetches_in_flight(&self) -> usize {
+        self.inner.fetching.load(Ordering::Relaxed)
+    }
+
+    /// Every entry, as `credbroker status` shows it: the token's fingerprint, never the token. Cheap per entry
+    /// (the scope sets are shared, not copied); each shard is read-locked in turn, never two at once.
+    pub fn entries(&self) -> Vec<EntryStatus> {
+        let inner = &self.inner;
+        let mut out = Vec::with_capacity(inner.entries.load(Ordering::Relaxed));
+        for shard in &inner.shards {
+            let slots: Vec<Arc<Slot>> = shard
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for slot in slots {
+                let (fetching, refused) = {
+                    let st = slot.state();
+                    (
+                        st.inflight.is_some(),
+                        st.failure.as_ref().map(|(_, e)| e.to_string()),
+                    )
+                };
+                out.push(EntryStatus {
+                    client: slot.key.client.clone(),
+                    scopes: slot.key.scopes.clone(),
+                    token: slot.token().map(|t| TokenStatus {
+                        fingerprint: t.fingerprint,
+                        granted: t.granted.clone(),
+                        expires_at: t.expires_at,
+                        renews_at: t.refresh_at,
+                    }),
+                    hits: slot.hits.load(Ordering::Relaxed),
+                    last_used: inner.epoch
+                        + Duration::from_millis(slot.last_used.load(Ordering::Relaxed)),
+                    fetching,
+                    refused,
+                });
+            }
+        }
+        out
     }
 
     /// Drops every entry whose client `keep` rejects (their refreshers stop); returns how many went.
@@ -474,17 +568,20 @@ impl TokenCache {
         };
         slot.last_used.store(inner.millis(now), Ordering::Relaxed);
         if let Some(t) = slot.usable(min_ttl, now) {
+            slot.hit();
             return Ok((t, Source::Cache));
         }
         let mut rx = {
             let mut st = slot.state();
             if let Some(t) = slot.usable(min_ttl, now) {
+                slot.hit();
                 return Ok((t, Source::Cache));
             }
             if let Some((at, error)) = &st.failure {
                 let age = now.saturating_duration_since(*at);
                 let error_ttl = inner.config().error_ttl;
                 if age < error_ttl {
+                    metrics().lookup(Lookup::Remembered);
                     return Err(CacheError::Remembered {
                         error: error.clone(),
                         age,
@@ -494,11 +591,15 @@ impl TokenCache {
                 st.failure = None;
             }
             match &st.inflight {
-                Some(rx) => rx.clone(),
+                Some(rx) => {
+                    metrics().lookup(Lookup::Joined);
+                    rx.clone()
+                }
                 None => {
                     if let Some(admit) = admit.take() {
                         admit().map_err(|retry_in| CacheError::RateLimited { retry_in })?;
                     }
+                    metrics().lookup(Lookup::Miss);
                     inner.start_fetch(&slot, &mut st)
                 }
             }
@@ -552,6 +653,8 @@ impl Inner {
                 token: RwLock::new(None),
                 state: Mutex::new(SlotState::default()),
                 last_used: AtomicU64::new(self.millis(now)),
+                hits: AtomicU64::new(0),
+                renewal_failing: std::sync::atomic::AtomicBool::new(false),
                 refresher: Mutex::new(None),
                 place: Mutex::new(Place { order, bytes: 0 }),
             });
@@ -652,7 +755,17 @@ impl Inner {
         st.inflight = Some(rx.clone());
         let fetch = self.fetcher.fetch(&slot.key);
         let (inner, weak) = (Arc::downgrade(self), Arc::downgrade(slot));
+        // Counted until the fetch task ends, however it ends.
+        struct Fetching(Arc<std::sync::atomic::AtomicUsize>);
+        impl Drop for Fetching {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.fetching.fetch_add(1, Ordering::Relaxed);
+        let fetching = Fetching(self.fetching.clone());
         tokio::spawn(async move {
+            let _fetching = fetching;
             // Should the fetch panic, its slot must not stay "in flight" forever.
             struct Unstick(Weak<Slot>);
             impl Drop for Unstick {
@@ -698,6 +811,7 @@ impl Inner {
                     .replace(token.clone());
                 st.failure = None;
                 drop(st);
+                slot.renewal_failing.store(false, Ordering::Relaxed);
                 self.reweigh(slot, Some(token.expires_at));
                 tracing::info!(
                     client = %slot.key.client,
@@ -792,7 +906,10 @@ async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
             let mut st = slot_s.state();
             match &st.inflight {
                 Some(rx) => rx.clone(),
-                None => inner_s.start_fetch(&slot_s, &mut st),
+                None => {
+                    metrics().renewal();
+                    inner_s.start_fetch(&slot_s, &mut st)
+                }
             }
         };
         tracing::debug!(client = %slot_s.key.client, scopes = %slot_s.key.scopes, token = %token.fingerprint, "refreshing ahead of expiry");
@@ -804,6 +921,10 @@ async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
         match outcome {
             Some(Ok(_)) => wake = None,
             Some(Err(e)) => {
+                metrics().renewal_failed();
+                if let Some(slot) = slot.upgrade() {
+                    slot.renewal_failing.store(true, Ordering::Relaxed);
+                }
                 let left = token.remaining(Instant::now());
                 tracing::warn!(
                     client = %slot.upgrade().map(|s| s.key.client.to_string()).unwrap_or_default(),

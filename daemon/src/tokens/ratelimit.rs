@@ -29,6 +29,19 @@ impl Default for Rate {
 struct Bucket {
     tokens: f64,
     at: Instant,
+    /// Requests refused since the bucket was made.
+    rejected: u64,
+}
+
+/// One uid's bucket, for `credbroker status`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BucketStatus {
+    /// The caller's uid.
+    pub uid: u32,
+    /// New tokens it may ask for now.
+    pub tokens: f64,
+    /// Requests refused since its bucket was made (a full bucket is forgotten when many uids have one).
+    pub rejected: u64,
 }
 
 /// Token buckets per uid.
@@ -54,6 +67,21 @@ impl RateLimiter {
         self.rate
     }
 
+    /// Every uid's bucket at `now`, by uid.
+    pub fn buckets(&self, now: Instant) -> Vec<BucketStatus> {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<BucketStatus> = buckets
+            .iter()
+            .map(|(&uid, b)| BucketStatus {
+                uid,
+                tokens: self.refill(*b, now),
+                rejected: b.rejected,
+            })
+            .collect();
+        out.sort_by_key(|b| b.uid);
+        out
+    }
+
     fn refill(&self, b: Bucket, now: Instant) -> f64 {
         let per_sec = f64::from(self.rate.per_minute) / 60.0;
         (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_sec)
@@ -73,6 +101,7 @@ impl RateLimiter {
         let full = Bucket {
             tokens: f64::from(self.rate.burst),
             at: now,
+            rejected: 0,
         };
         let b = buckets.entry(uid).or_insert(full);
         let tokens = self.refill(*b, now);
@@ -80,10 +109,16 @@ impl RateLimiter {
             *b = Bucket {
                 tokens: tokens - 1.0,
                 at: now,
+                rejected: b.rejected,
             };
             Ok(())
         } else {
-            *b = Bucket { tokens, at: now };
+            *b = Bucket {
+                tokens,
+                at: now,
+                rejected: b.rejected + 1,
+            };
+            crate::telemetry::metrics().rate_limited();
             let per_sec = f64::from(self.rate.per_minute) / 60.0;
             Err(Duration::from_secs_f64((1.0 - tokens) / per_sec))
         }
@@ -106,6 +141,7 @@ mod tests {
         }
         let wait = l.try_acquire(1000, now).unwrap_err();
         assert_eq!(wait, Duration::from_secs(1));
+        assert_eq!(l.buckets(now)[0].rejected, 1);
         // Another uid is not affected.
         assert!(l.try_acquire(1001, now).is_ok());
         // One per second comes back.

@@ -127,6 +127,35 @@ impl UpstreamError {
         std::mem::size_of::<Self>() + text
     }
 
+    /// The request's outcome as a bounded label (metrics, `credbroker status`): the OAuth error when it is one
+    /// of RFC 6749 §5.2's codes (`other` when it is not), else the status class (`4xx`, `429`, `5xx`), or
+    /// what went wrong without one (`timeout`, `network`, `invalid_response`, `scope_too_wide`, `discovery`,
+    /// `assertion`).
+    pub fn outcome(&self) -> &'static str {
+        const RFC6749: [&str; 6] = [
+            "invalid_request",
+            "invalid_client",
+            "invalid_grant",
+            "unauthorized_client",
+            "unsupported_grant_type",
+            "invalid_scope",
+        ];
+        match self {
+            Self::Network(_) => "network",
+            Self::Timeout(_) => "timeout",
+            Self::Server { .. } => "5xx",
+            Self::RateLimited { .. } => "429",
+            Self::Rejected { code: Some(c), .. } => {
+                RFC6749.into_iter().find(|k| k == c).unwrap_or("other")
+            }
+            Self::Rejected { .. } => "4xx",
+            Self::InvalidResponse(_) => "invalid_response",
+            Self::ScopeTooWide { .. } => "scope_too_wide",
+            Self::Discovery(_) => "discovery",
+            Self::Assertion(_) => "assertion",
+        }
+    }
+
     /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts).
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -173,6 +202,15 @@ impl Upstream {
             http,
             discovered: Default::default(),
         })
+    }
+
+    /// The token endpoint discovered for `issuer`, if discovery has run.
+    pub fn discovered(&self, issuer: &Url) -> Option<Url> {
+        self.discovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(issuer_id(issuer))
+            .cloned()
     }
 
     /// Forgets discovered endpoints (on reload).

@@ -1,0 +1,125 @@
+//! The Prometheus endpoint: `GET /metrics` on `daemon.metrics` (off by default), in the text format 0.0.4.
+//!
+//! A TCP listener sees no peer uid, so it gets its own small bounds: at most [`MAX_CONNECTIONS`] at once
+//! (more are closed at accept), [`HEADER_TIMEOUT`] to send a request head of at most [`MAX_HEAD`] bytes, one
+//! request per connection, and [`CONNECTION_TIMEOUT`] for the whole exchange. It serves nothing but the
+//! metrics, which hold no token, secret, scope or uid.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::serve::limits::{Bucket, Budgets};
+use crate::serve::service::Broker;
+use crate::telemetry::{self, Levels};
+
+/// Scrapes served at once.
+pub const MAX_CONNECTIONS: usize = 8;
+/// Time to send the request head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time for the whole connection.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest request head read.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// Listens on `addr`.
+///
+/// # Errors
+/// When the address cannot be bound (in use, not local, ...).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves scrapes on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, broker: Arc<Broker>, budgets: Arc<Budgets>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: accept failed; retrying shortly");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once, unread.
+            continue;
+        };
+        let (broker, budgets) = (broker.clone(), budgets.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let response = respond(&request, &broker, &budgets);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        });
+    }
+}
+
+fn respond(
+    request: &Request<hyper::body::Incoming>,
+    broker: &Broker,
+    budgets: &Budgets,
+) -> Response<Full<Bytes>> {
+    let (status, body, content_type) = if request.uri().path() != "/metrics" {
+        (
+            StatusCode::NOT_FOUND,
+            "only /metrics is served here\n".to_owned(),
+            "text/plain; charset=utf-8",
+        )
+    } else if request.method() != Method::GET && request.method() != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET\n".to_owned(),
+            "text/plain; charset=utf-8",
+        )
+    } else {
+        let cache = broker.cache();
+        let levels = Levels {
+            cache_entries: cache.len(),
+            cache_bytes: cache.bytes(),
+            connections: budgets
+                .usage()
+                .iter()
+                .filter(|(b, ..)| matches!(b, Bucket::Uid(_)))
+                .map(|(_, n, _)| n)
+                .sum(),
+            fetches_in_flight: cache.fetches_in_flight(),
+        };
+        (
+            StatusCode::OK,
+            telemetry::metrics().render(levels),
+            telemetry::CONTENT_TYPE,
+        )
+    };
+    let mut response = Response::new(Full::new(Bytes::from(
+        if request.method() == Method::HEAD {
+            String::new()
+        } else {
+            body
+        },
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}

@@ -1,0 +1,214 @@
+//! The Prometheus endpoint (`daemon.metrics`): the real daemon scraped over TCP, its output checked by
+//! `promtool check metrics`, its values following the calls made; its own connection cap.
+
+use std::time::Duration;
+
+use credbroker_tests::fixture::{NOBODY, Setup};
+use credbroker_tests::{Daemon, stderr, token_text};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The address the daemon says it serves metrics on.
+fn metrics_addr(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split("serving metrics at http://").nth(1))
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .to_owned()
+}
+
+/// One HTTP/1.1 request; the whole answer (the endpoint closes the connection after it).
+async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        Ok(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| std::io::Error::other("no answer within 10 s"))?
+}
+
+async fn scrape(addr: &str) -> String {
+    let answer = http_get(addr, "/metrics").await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the sample `name{labels}` (exactly as written), or 0 when absent.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+fn promtool(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_follow_the_calls() {
+    let s = Setup::new().await;
+    let config = s
+        .config()
+        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
+    let d = Daemon::start(&s.dir, &config).await;
+    let addr = metrics_addr(&d.log());
+
+    let before = scrape(&addr).await;
+    promtool(&before);
+    assert_eq!(
+        sample(&before, "credbroker_build_info{version=\"0.1.0\"}"),
+        1.0
+    );
+    assert_eq!(sample(&before, "credbroker_cache_entries"), 0.0);
+
+    let mut c = d.client().await;
+    let first = token_text(&mut c, &["scim:read"]).await;
+    token_text(&mut c, &["scim:read"]).await;
+    token_text(&mut c, &["scim:read"]).await;
+    let out = d.cli(Some(NOBODY), &["token", "scim:write"]).await;
+    assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+    // The IdP fails once (503), then issues on the retry.
+    s.idp.fail_next(1, 503);
+    token_text(&mut c, &["scim:write"]).await;
+
+    let text = scrape(&addr).await;
+    promtool(&text);
+    let calls = |outcome: &str| {
+        sample(
+            &text,
+            &format!("credbroker_calls_total{{method=\"GetToken\",outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(calls("ok"), 4.0, "{text}");
+    assert_eq!(calls("permission_denied"), 1.0, "{text}");
+    let lookups = |r: &str| {
+        sample(
+            &text,
+            &format!("credbroker_cache_lookups_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!((lookups("hit"), lookups("miss")), (2.0, 2.0), "{text}");
+    let idp = |o: &str| {
+        sample(
+            &text,
+            &format!("credbroker_idp_requests_total{{client=\"idp\",outcome=\"{o}\"}}"),
+        )
+    };
+    assert_eq!((idp("2xx"), idp("5xx")), (2.0, 1.0), "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "credbroker_idp_request_duration_seconds_count{client=\"idp\"}"
+        ),
+        3.0
+    );
+    assert!(
+        sample(
+            &text,
+            "credbroker_idp_last_success_timestamp_seconds{client=\"idp\"}"
+        ) > 1.7e9
+    );
+    assert_eq!(sample(&text, "credbroker_cache_entries"), 2.0);
+    assert!(sample(&text, "credbroker_cache_bytes") > 0.0);
+    assert!(
+        sample(&text, "credbroker_connections_open") >= 1.0,
+        "this client's"
+    );
+    // Bounded labels: no scope, uid or token.
+    for leak in ["scim:", "65534", first.as_str()] {
+        assert!(!text.contains(leak), "{leak} in the metrics:\n{text}");
+    }
+
+    // A flush, then the next call asks the IdP again.
+    let out = d.cli(None, &["flush"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    token_text(&mut c, &["scim:read"]).await;
+    let text = scrape(&addr).await;
+    assert_eq!(
+        sample(&text, "credbroker_cache_lookups_total{result=\"miss\"}"),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "credbroker_calls_total{method=\"Flush\",outcome=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "credbroker_cache_entries"), 1.0);
+
+    // Nothing else is served.
+    let answer = http_get(&addr, "/v1/token?scope=scim:read").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+#[tokio::test]
+async fn the_metrics_listener_has_its_own_connection_cap() {
+    let s = Setup::new().await;
+    let config = s
+        .config()
+        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
+    let d = Daemon::start(&s.dir, &config).await;
+    let addr = metrics_addr(&d.log());
+    // 8 connections that send nothing hold every slot: a 9th is closed unanswered.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    // Each idle connection is accepted (and its slot taken) before the next scrape's.
+    let refused = http_get(&addr, "/metrics").await;
+    assert!(
+        refused.as_ref().map_or(true, String::is_empty),
+        "served over the cap: {refused:?}"
+    );
+    // The socket's own service goes on meanwhile.
+    let mut c = d.client().await;
+    token_text(&mut c, &["scim:read"]).await;
+    // Slots come back when the idle connections go.
+    drop(idle);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if http_get(&addr, "/metrics")
+            .await
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
