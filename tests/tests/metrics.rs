@@ -212,3 +212,97 @@ async fn the_metrics_listener_has_its_own_connection_cap() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The README's alert rules are valid rules, and name metrics the daemon serves.
+#[test]
+fn the_readme_alert_rules_pass_promtool() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme
+        .find("groups:\n  - name: credbroker")
+        .expect("alert rules in the README");
+    let rules = &readme[start..];
+    let rules = &rules[..rules.find("```").unwrap()];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yml");
+    std::fs::write(&path, rules).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for metric in [
+        "credbroker_idp_requests_total",
+        "credbroker_renewal_failures_total",
+    ] {
+        assert!(rules.contains(metric));
+    }
+}
+
+/// Renewals ahead of expiry, their failures and the stale serves they cause, as the metrics count them: a
+/// 10 s token is renewed after 3.25-3.75 s; the IdP then fails, so the renewal fails (after its retries) and
+/// the cached token is served stale.
+#[tokio::test]
+async fn renewals_their_failures_and_stale_serves_are_counted() {
+    let s = Setup::new().await;
+    s.idp.set_expires_in(10);
+    let config = s
+        .config()
+        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
+    let d = Daemon::start(&s.dir, &config).await;
+    let addr = metrics_addr(&d.log());
+    let mut c = d.client().await;
+    let first = token_text(&mut c, &["scim:read"]).await;
+    // In use: asked for again after it arrived, so it is renewed ahead of expiry.
+    assert_eq!(token_text(&mut c, &["scim:read"]).await, first);
+    let text = scrape(&addr).await;
+    assert_eq!(sample(&text, "credbroker_renewals_total"), 0.0);
+    // From now on the IdP fails.
+    s.idp.fail_next(1000, 503);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = scrape(&addr).await;
+        if sample(&text, "credbroker_renewal_failures_total") >= 1.0 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed renewal:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sample(&text, "credbroker_renewals_total"), 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "credbroker_stale_serves_total"),
+        0.0,
+        "{text}"
+    );
+    // The cached token is still served (it has a few seconds left), and counted as stale.
+    let token = c
+        .get_token(
+            credbroker_client::TokenRequest::new(["scim:read"]).min_ttl(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    use credbroker_client::secrecy::ExposeSecret;
+    assert_eq!(token.access_token().expose_secret(), first.as_str());
+    let text = scrape(&addr).await;
+    assert_eq!(
+        sample(&text, "credbroker_stale_serves_total"),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "credbroker_idp_requests_total{client=\"idp\",outcome=\"5xx\"}"
+        ) >= 2.0,
+        "the renewal and its retries: {text}"
+    );
+}
