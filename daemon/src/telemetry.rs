@@ -42,6 +42,8 @@ pub struct Levels {
 pub struct Metrics {
     registry: Registry,
     calls: IntCounterVec,
+    /// `calls` for the hot path, resolved once: GetToken and WhoAmI answered `ok`.
+    calls_ok: [IntCounter; 2],
     lookups: [IntCounter; 4],
     idp_requests: IntCounterVec,
     idp_duration: HistogramVec,
@@ -115,19 +117,21 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let calls = register(
+            &r,
+            IntCounterVec::new(
+                Opts::new(
+                    "credbroker_calls_total",
+                    "Calls by method (GetToken and WhoAmI over gRPC or HTTP; the admin API's Reload, \
+                     Flush, Status, Explain) and outcome (the gRPC status code, lowercase).",
+                ),
+                &["method", "outcome"],
+            )
+            .expect("valid metric"),
+        );
         Self {
-            calls: register(
-                &r,
-                IntCounterVec::new(
-                    Opts::new(
-                        "credbroker_calls_total",
-                        "Calls by method (GetToken and WhoAmI over gRPC or HTTP; the admin API's Reload, \
-                         Flush, Status, Explain) and outcome (the gRPC status code, lowercase).",
-                    ),
-                    &["method", "outcome"],
-                )
-                .expect("valid metric"),
-            ),
+            calls_ok: ["GetToken", "WhoAmI"].map(|m| calls.with_label_values(&[m, "ok"])),
+            calls,
             lookups: ["hit", "miss", "joined", "remembered"].map(|l| lookups.with_label_values(&[l])),
             idp_requests: register(
                 &r,
@@ -230,6 +234,11 @@ impl Metrics {
 
     /// A call answered with `code`.
     pub fn call(&self, method: &'static str, code: tonic::Code) {
+        match (method, code) {
+            ("GetToken", tonic::Code::Ok) => return self.calls_ok[0].inc(),
+            ("WhoAmI", tonic::Code::Ok) => return self.calls_ok[1].inc(),
+            _ => {}
+        }
         self.calls
             .with_label_values(&[method, crate::error::code_name(code)])
             .inc();
