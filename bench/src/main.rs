@@ -726,6 +726,7 @@ fn steady_workload() -> anyhow::Result<usize> {
                     lifetime: Duration::from_secs(300),
                     received_at: tokio::time::Instant::now(),
                     granted,
+                    credential: None,
                 })
             })
         }

@@ -77,8 +77,9 @@ pub enum Error {
     /// The daemon could not establish this process's identity.
     #[error("not authenticated: {0}")]
     Unauthenticated(String),
-    /// The IdP refused the broker's own credentials or the scope: an operator must act.
-    #[error("the IdP refused the broker's request (operator action needed): {0}")]
+    /// The IdP refused the broker's own credentials or the scope, or the broker's credential cannot be used
+    /// (an expired client assertion): an operator must act.
+    #[error("operator action needed: {0}")]
     FailedPrecondition(String),
     /// The daemon or the IdP is unavailable; worth retrying.
     #[error("unavailable: {0}")]
@@ -152,7 +153,7 @@ impl From<tonic::Status> for Error {
 pub struct Reloaded {
     /// The daemon's status line for the new config: `serving N clients, M policies`.
     pub summary: String,
-    /// Clients whose endpoint or credentials changed, or that are gone.
+    /// Clients whose endpoint, client id or parameters changed, or that are gone.
     pub clients_changed: Vec<String>,
     /// Cached entries dropped for them.
     pub tokens_dropped: u64,

@@ -177,6 +177,9 @@ pub struct Grant<'a> {
     pub source: Source,
     /// The token's fingerprint.
     pub fingerprint: Fingerprint,
+    /// The client credential its request was authenticated with (its source: a file, a credential, a
+    /// variable).
+    pub credential: Option<&'a str>,
 }
 
 fn granted(g: &Grant<'_>) {
@@ -194,6 +197,7 @@ fn granted(g: &Grant<'_>) {
         policies = %g.policies.join(","),
         source = g.source.as_str(),
         token = %g.fingerprint,
+        credential = g.credential.unwrap_or(""),
         "token granted"
     );
 }

@@ -1,5 +1,6 @@
-//! Client secrets: where they come from (a file, a systemd credential, an environment variable), how they are
-//! read and checked, and the type that holds them.
+//! Client credentials: where they come from (a file, a systemd credential, an environment variable), how they
+//! are read and checked ([`FileKind`]), the type that holds them, and how a file is read again when it changes
+//! ([`Rotating`]).
 //!
 //! # Security
 //! A secret is read into a [`SecretString`] (zeroized on drop) and stays there until the upstream request is
@@ -10,6 +11,7 @@ use std::fmt;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
@@ -38,6 +40,22 @@ impl fmt::Display for SecretSource {
     }
 }
 
+/// The rules a credential file must pass, by what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    /// Client secrets and private keys: the file itself, never a link; owned by root or the daemon's user;
+    /// not writable by group or others, not readable by others.
+    Secret,
+    /// Certificates and CA bundles: public, so they may be readable by everyone, but the file itself (never a
+    /// link), owned by root or the daemon's user, and not writable by group or others: whoever could replace a
+    /// CA bundle could impersonate the IdP.
+    Certificate,
+    /// Federated client assertions, written by an agent (spire-agent, vault agent, a kubelet): links are
+    /// followed (Kubernetes-style `..data` links), then the file must be a regular file, owned by anyone (the
+    /// writer), not writable or readable by others. Not secret from the uid that writes it.
+    Assertion,
+}
+
 /// What the process environment offers secret sources, read once at the edge (so tests need no `set_var`).
 pub struct SecretEnv<'a> {
     /// `$CREDENTIALS_DIRECTORY`, set by systemd when the unit has `LoadCredential=`.
@@ -47,6 +65,14 @@ pub struct SecretEnv<'a> {
 }
 
 impl SecretEnv<'_> {
+    /// No credentials directory and no variables: for reading files.
+    pub fn none() -> SecretEnv<'static> {
+        SecretEnv {
+            credentials_dir: None,
+            var: &|_| None,
+        }
+    }
+
     /// The real process environment.
     pub fn process() -> SecretEnv<'static> {
         SecretEnv {
@@ -87,6 +113,14 @@ pub enum SecretError {
     Symlink {
         /// The path.
         path: PathBuf,
+    },
+    /// Writable by every user, who could replace it.
+    #[error("{path} is writable by every user (mode {mode:04o}); run: chmod o-w {path}")]
+    OtherWritable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// Owned by someone other than root or the daemon's user, who could replace it.
     #[error("{path} is owned by uid {uid}; it must belong to root or to the daemon's user")]
@@ -163,14 +197,31 @@ impl Secret {
     /// # Errors
     /// [`SecretError`] when the source is missing, unreadable, world-readable, empty, too large or not UTF-8.
     pub fn load(source: SecretSource, env: &SecretEnv<'_>) -> Result<Self, SecretError> {
+        Self::load_kind(source, FileKind::Secret, env).map(|(s, _)| s)
+    }
+
+    /// Reads a credential of `kind` from its source; for a file, also the stamp it was read at.
+    ///
+    /// # Errors
+    /// [`SecretError`], as for [`load`](Self::load) under the rules of `kind`.
+    pub fn load_kind(
+        source: SecretSource,
+        kind: FileKind,
+        env: &SecretEnv<'_>,
+    ) -> Result<(Self, Option<Stamp>), SecretError> {
+        let mut stamp = None;
         let raw: Zeroizing<String> = match &source {
-            SecretSource::File(path) => read_file(path)?,
+            SecretSource::File(path) => {
+                let (raw, s) = read_file(path, kind)?;
+                stamp = Some(s);
+                raw
+            }
             SecretSource::Credential(name) => {
                 let dir = env
                     .credentials_dir
                     .as_ref()
                     .ok_or_else(|| SecretError::NoCredentialsDirectory(name.clone()))?;
-                read_file(&credential_path(dir, name))?
+                read_file(&credential_path(dir, name), FileKind::Secret)?.0
             }
             SecretSource::Env(var) => {
                 Zeroizing::new((env.var)(var).ok_or_else(|| SecretError::EnvUnset(var.clone()))?)
@@ -180,10 +231,13 @@ impl Secret {
         if trimmed.is_empty() {
             return Err(SecretError::Empty(source));
         }
-        Ok(Self {
-            value: SecretString::from(trimmed.to_owned()),
-            source,
-        })
+        Ok((
+            Self {
+                value: SecretString::from(trimmed.to_owned()),
+                source,
+            },
+            stamp,
+        ))
     }
 
     /// Wraps a value that is already in memory (tests, and the stand-in's quick start).
@@ -202,7 +256,53 @@ impl Secret {
     }
 }
 
-fn read_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
+/// What identifies one version of a file: device, inode, size, modification and change times. A file
+/// replaced by a rename (a new inode), rewritten in place (new times or size) or a link switched to another
+/// file (Kubernetes' `..data`) all change it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// The stamp of the file at `path` now: through links for [`FileKind::Assertion`], of the path itself
+    /// otherwise (a link then reads as changed, and reading it fails as it should).
+    fn now(path: &Path, kind: FileKind) -> std::io::Result<Self> {
+        match kind {
+            FileKind::Secret | FileKind::Certificate => std::fs::symlink_metadata(path),
+            FileKind::Assertion => std::fs::metadata(path),
+        }
+        .map(|m| Self::of(&m))
+    }
+}
+
+fn read_file(path: &Path, kind: FileKind) -> Result<(Zeroizing<String>, Stamp), SecretError> {
+    // Assertion files may be links (Kubernetes' `..data`): the file they resolve to is read and checked.
+    let resolved;
+    let path = match kind {
+        FileKind::Secret | FileKind::Certificate => path,
+        FileKind::Assertion => {
+            resolved = std::fs::canonicalize(path).map_err(|source| SecretError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            resolved.as_path()
+        }
+    };
     let read_err = |source| SecretError::Read {
         path: path.to_owned(),
         source,
@@ -225,20 +325,26 @@ fn read_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
             path: path.to_owned(),
         });
     }
-    if meta.uid() != 0 && meta.uid() != crate::sys::euid() {
+    let mode = meta.permissions().mode() & 0o7777;
+    if kind == FileKind::Assertion && mode & 0o002 != 0 {
+        return Err(SecretError::OtherWritable {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if kind != FileKind::Assertion && meta.uid() != 0 && meta.uid() != crate::sys::euid() {
         return Err(SecretError::Owner {
             path: path.to_owned(),
             uid: meta.uid(),
         });
     }
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
+    if kind != FileKind::Assertion && mode & 0o022 != 0 {
         return Err(SecretError::Writable {
             path: path.to_owned(),
             mode,
         });
     }
-    if mode & 0o004 != 0 {
+    if kind != FileKind::Certificate && mode & 0o004 != 0 {
         return Err(SecretError::WorldReadable {
             path: path.to_owned(),
             mode,
@@ -260,8 +366,78 @@ fn read_file(path: &Path) -> Result<Zeroizing<String>, SecretError> {
         });
     }
     match std::str::from_utf8(&bytes) {
-        Ok(s) => Ok(Zeroizing::new(s.to_owned())),
+        Ok(s) => Ok((Zeroizing::new(s.to_owned()), Stamp::of(&meta))),
         Err(_) => Err(SecretError::NotUtf8(SecretSource::File(path.to_owned()))),
+    }
+}
+
+/// A credential read again when its file changes: before each use, the file is stat'ed (device, inode, size,
+/// times: [`Stamp`]); when it changed, it is read and parsed again, and the change is logged with the source's
+/// name, never its content. `credential` and `env` sources cannot change while the daemon runs.
+pub struct Rotating<T> {
+    source: SecretSource,
+    kind: FileKind,
+    parse: fn(Secret) -> Result<T, String>,
+    current: Mutex<(Option<Stamp>, Arc<T>)>,
+}
+
+impl<T> fmt::Debug for Rotating<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Rotating({}, [redacted])", self.source)
+    }
+}
+
+impl<T> Rotating<T> {
+    /// Reads `source` under the rules of `kind` and parses it with `parse`.
+    ///
+    /// # Errors
+    /// Why it cannot be read or parsed (naming the source, never the content).
+    pub fn load(
+        source: SecretSource,
+        kind: FileKind,
+        env: &SecretEnv<'_>,
+        parse: fn(Secret) -> Result<T, String>,
+    ) -> Result<Self, String> {
+        let (secret, stamp) =
+            Secret::load_kind(source.clone(), kind, env).map_err(|e| e.to_string())?;
+        let value = parse(secret)?;
+        Ok(Self {
+            source,
+            kind,
+            parse,
+            current: Mutex::new((stamp, Arc::new(value))),
+        })
+    }
+
+    /// Where it comes from.
+    pub fn source(&self) -> &SecretSource {
+        &self.source
+    }
+
+    /// The value as of now: read again if its file changed since it was last read.
+    ///
+    /// # Errors
+    /// Why the changed file cannot be read or parsed; the next call tries again.
+    pub fn current(&self) -> Result<Arc<T>, String> {
+        let SecretSource::File(path) = &self.source else {
+            return Ok(self.lock().1.clone());
+        };
+        let now = Stamp::now(path, self.kind)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut current = self.lock();
+        if current.0 == Some(now) {
+            return Ok(current.1.clone());
+        }
+        let (secret, stamp) = Secret::load_kind(self.source.clone(), self.kind, &SecretEnv::none())
+            .map_err(|e| e.to_string())?;
+        let value = Arc::new((self.parse)(secret)?);
+        tracing::info!(source = %self.source, "credential file changed; read again");
+        *current = (stamp, value.clone());
+        Ok(value)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<Stamp>, Arc<T>)> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -3,7 +3,7 @@
 // usage: node provider.js '<json>'   with json = {
 //   "scopes": ["scim:read", ...],
 //   "clients": [{ "client_id": "...", "auth": "client_secret_basic" | "client_secret_post" | "private_key_jwt",
-//                 "client_secret": "...", "alg": "ES256" | "RS256", "scope": "a b" }],
+//                 "client_secret": "...", "alg": "ES256" | "RS256" | "PS256", "scope": "a b" }],
 //   "resources": { "https://api.example.com": { "scope": "a b" } },
 //   "issuer_host": "127.0.0.1" (the host named in the issuer; it always listens on 127.0.0.1) }
 // For private_key_jwt clients a key pair is generated here; the first line printed is JSON:
@@ -26,7 +26,7 @@ const clients = (input.clients ?? []).map((c) => {
   };
   if (c.auth === 'private_key_jwt') {
     const kid = randomUUID();
-    const pair = c.alg === 'RS256'
+    const pair = c.alg === 'RS256' || c.alg === 'PS256'
       ? generateKeyPairSync('rsa', { modulusLength: 2048 })
       : generateKeyPairSync('ec', { namedCurve: 'P-256' });
     keys[c.client_id] = { pem: pair.privateKey.export({ format: 'pem', type: 'pkcs8' }), kid };

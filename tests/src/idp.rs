@@ -63,7 +63,7 @@ pub enum Fault {
 pub struct Recorded {
     /// The client id, however it authenticated (empty if it did not).
     pub client_id: String,
-    /// `"basic"`, `"post"`, `"both"` or `"none"`.
+    /// `"basic"`, `"post"`, `"assertion"`, `"both"` or `"none"`.
     pub auth: &'static str,
     /// The `scope` parameter.
     pub scope: String,
@@ -88,6 +88,7 @@ pub struct StandInIdp {
     addr: SocketAddr,
     state: Arc<State>,
     task: tokio::task::JoinHandle<()>,
+    https: bool,
 }
 
 impl Drop for StandInIdp {
@@ -102,6 +103,42 @@ impl StandInIdp {
     /// # Panics
     /// If the port cannot be bound.
     pub async fn start(port: u16, clients: Vec<Registration>) -> Self {
+        Self::start_with(port, clients, None).await
+    }
+
+    /// Starts on any free port of 127.0.0.1, serving HTTPS with `cert_chain` (PEM, the server's certificate
+    /// first) and `key` (PKCS#8 PEM).
+    ///
+    /// # Panics
+    /// If the certificate or key cannot be used.
+    pub async fn start_tls(clients: Vec<Registration>, cert_chain: &str, key: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert_chain.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("PEM certificates");
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("PEM key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("a usable certificate and key");
+        Self::start_with(
+            0,
+            clients,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn start_with(
+        port: u16,
+        clients: Vec<Registration>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind the stand-in IdP");
@@ -114,13 +151,20 @@ impl StandInIdp {
             expires_in: AtomicU64::new(3600),
             requests: Mutex::new(Vec::new()),
         });
-        let task = tokio::spawn(serve(listener, state.clone()));
-        Self { addr, state, task }
+        let https = tls.is_some();
+        let task = tokio::spawn(serve(listener, state.clone(), tls));
+        Self {
+            addr,
+            state,
+            task,
+            https,
+        }
     }
 
     /// The token endpoint's URL.
     pub fn token_url(&self) -> String {
-        format!("http://{}/oauth2/token", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/oauth2/token", self.addr)
     }
 
     /// Changes how the endpoint behaves from the next request on.
@@ -169,17 +213,26 @@ impl StandInIdp {
     }
 }
 
-async fn serve(listener: TcpListener, state: Arc<State>) {
+async fn serve(listener: TcpListener, state: Arc<State>, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let state = state.clone();
+        let (state, tls) = (state.clone(), tls.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(req, state.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let http = hyper::server::conn::http1::Builder::new();
+            match tls {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(tls) => {
+                    // A client that does not trust the certificate hangs up in the handshake.
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -256,11 +309,24 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
         (Some(id), Some(secret)) => Some((id, secret)),
         _ => None,
     };
-    let (auth, creds) = match (&basic, &post) {
-        (Some(_), Some(_)) => ("both", None),
-        (Some(b), None) => ("basic", b.clone()),
-        (None, Some(p)) => ("post", Some(p.clone())),
-        (None, None) => ("none", None),
+    // A client assertion (RFC 7523) counts as the client's credential: the stand-in accepts it when it equals
+    // the registration's `secret` (set it with `set_secret`), as if it had verified the JWT.
+    let assertion = match (
+        param("client_id"),
+        param("client_assertion_type").as_deref(),
+        param("client_assertion"),
+    ) {
+        (Some(id), Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer"), Some(a)) => {
+            Some((id, a))
+        }
+        _ => None,
+    };
+    let (auth, creds) = match (&basic, &post, &assertion) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => ("both", None),
+        (Some(b), None, None) => ("basic", b.clone()),
+        (None, Some(p), None) => ("post", Some(p.clone())),
+        (None, None, Some(a)) => ("assertion", Some(a.clone())),
+        (None, None, None) => ("none", None),
     };
     let mut record = Recorded {
         client_id: creds.as_ref().map(|c| c.0.clone()).unwrap_or_default(),

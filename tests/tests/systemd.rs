@@ -242,12 +242,29 @@ async fn sighup_applies_a_new_policy_refuses_a_broken_config_and_uses_a_rotated_
     let out = d.cli(Some(NOBODY), &["token", "scim:write"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
-    // Rotate the secret: at the IdP and in the file. The client's credentials changed, so its cached tokens
-    // go, and the next token is fetched with the new secret.
+    // Rotate the secret, at the IdP and in the file, and reload. Cached tokens stay (they were valid when
+    // issued, and dropping them would revoke nothing); the next fetch uses the new secret.
     let rotated = "rotated+secret:2";
     s.idp.set_secret("broker", rotated);
     s.dir.write("idp.secret", rotated, 0o600);
     std::fs::write(&config_path, &widened).unwrap();
+    d.signal("HUP");
+    d.wait_notification("RELOADING=1").await;
+    d.wait_notification("READY=1").await;
+    let kept = root.token(["scim:read"]).await.unwrap();
+    assert_eq!(
+        kept.access_token().expose_secret(),
+        cached.access_token().expose_secret()
+    );
+    assert_eq!(s.idp.request_count(), fetched);
+    root.token(["scim:read", "scim:write"]).await.unwrap();
+    assert_eq!(s.idp.request_count(), fetched + 1);
+    assert!(!d.log().contains("clients_changed=idp"), "{}", d.log());
+
+    // Another endpoint is another upstream: the client's cached tokens go.
+    let moved = widened.replace("/oauth2/token", "/oauth2/token?tenant=2");
+    assert_ne!(moved, widened);
+    std::fs::write(&config_path, &moved).unwrap();
     d.signal("HUP");
     d.wait_notification("RELOADING=1").await;
     d.wait_notification("READY=1").await;
@@ -256,7 +273,7 @@ async fn sighup_applies_a_new_policy_refuses_a_broken_config_and_uses_a_rotated_
         fresh.access_token().expose_secret(),
         cached.access_token().expose_secret()
     );
-    assert_eq!(s.idp.request_count(), fetched + 1);
+    assert_eq!(s.idp.request_count(), fetched + 2);
     assert!(d.log().contains("clients_changed=idp"), "{}", d.log());
     assert!(!d.log().contains(rotated) && !d.log().contains(SECRET));
 }

@@ -21,12 +21,13 @@ use toml::Value;
 
 use crate::policy::scope::ScopePattern;
 use crate::policy::{Matcher, Policy, PolicySet};
-use crate::secret::{Secret, SecretEnv, SecretSource};
+use crate::secret::{FileKind, Rotating, Secret, SecretEnv, SecretSource};
 use crate::sys;
+use crate::tokens::assertion::Assertion;
 use crate::tokens::client::{
-    AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, endpoint_url,
+    AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, Secrets, TlsRoots, endpoint_url,
 };
-use crate::tokens::jwt::PrivateKey;
+use crate::tokens::jwt::{self, Alg, Certificate, PrivateKey};
 use crate::tokens::ratelimit::Rate;
 
 /// The default config file.
@@ -342,12 +343,21 @@ impl Config {
                 c.client_id,
                 c.auth.method(),
                 match &c.auth {
-                    ClientAuth::PrivateKeyJwt { key, .. } =>
-                        format!("{} key from {}", key.alg().name(), key.source()),
-                    other => other
-                        .secret()
-                        .map(|s| format!("secret from {}", s.source()))
-                        .unwrap_or_default(),
+                    ClientAuth::PrivateKeyJwt { key, .. } => match key.current() {
+                        Ok(k) => format!("{} key from {}", k.alg().name(), key.source()),
+                        Err(e) => e,
+                    },
+                    ClientAuth::ClientAssertion { assertion } =>
+                        format!("assertion from {}", assertion.source()),
+                    other => format!(
+                        "secret from {}",
+                        other
+                            .sources()
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", then ")
+                    ),
                 },
                 humantime::format_duration(c.timeout),
                 humantime::format_duration(c.default_ttl),
@@ -787,6 +797,7 @@ fn client_config(
                 "client_secret_basic",
                 "client_secret_post",
                 "private_key_jwt",
+                "client_assertion",
             ]
             .contains(&s.as_str()) =>
         {
@@ -795,16 +806,21 @@ fn client_config(
         Some(_) => {
             errs.push(
                 t.key("auth_method"),
-                "expected \"client_secret_basic\", \"client_secret_post\" or \"private_key_jwt\"",
+                "expected \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\" or \"client_assertion\"",
             );
             None
         }
     };
     let jwt = method == Some("private_key_jwt");
+    let federated = method == Some("client_assertion");
     let basic = method == Some("client_secret_basic");
     // Keys that belong to other methods are mistakes worth pointing out.
     for (key, wanted) in [
-        ("client_secret", !jwt),
+        ("client_secret", !jwt && !federated),
+        ("client_assertion", federated),
+        ("certificate", jwt),
+        ("signing_alg", jwt),
+        ("certificate_sha1", jwt),
         ("private_key", jwt),
         ("key_id", jwt),
         ("assertion_audience", jwt),
@@ -824,6 +840,20 @@ fn client_config(
     let auth = match method {
         None => None,
         Some("private_key_jwt") => private_key_auth(errs, &mut t, issuer.is_some(), env),
+        Some("client_assertion") => t
+            .required(
+                errs,
+                "client_assertion",
+                "missing; client_assertion needs client_assertion = { file = \"/run/NAME/token.jwt\" }",
+            )
+            .and_then(|v| {
+                credential(errs, &t.key("client_assertion"), v, env, FileKind::Assertion, |jwt| {
+                    let a = Assertion::parse(jwt)?;
+                    a.usable(std::time::SystemTime::now())?;
+                    Ok(a)
+                })
+            })
+            .map(|assertion| ClientAuth::ClientAssertion { assertion }),
         Some(m) => {
             let secret = t
                 .required(
@@ -831,7 +861,7 @@ fn client_config(
                     "client_secret",
                     "missing; e.g. client_secret = { file = \"/etc/credbroker/NAME.secret\" }",
                 )
-                .and_then(|v| secret(errs, &t.key("client_secret"), v, env));
+                .and_then(|v| secrets(errs, &t.key("client_secret"), v, env));
             let encoding = match t.get("basic_encoding") {
                 None => BasicEncoding::Form,
                 Some(Value::String(s)) if s == "form" => BasicEncoding::Form,
@@ -852,11 +882,11 @@ fn client_config(
                     "contains ':', which raw Basic credentials cannot carry; use basic_encoding = \"form\"",
                 );
             }
-            secret.map(|secret| {
+            secret.map(|secrets| {
                 if m == "client_secret_post" {
-                    ClientAuth::Post { secret }
+                    ClientAuth::Post { secrets }
                 } else {
-                    ClientAuth::Basic { secret, encoding }
+                    ClientAuth::Basic { secrets, encoding }
                 }
             })
         }
@@ -883,6 +913,37 @@ fn client_config(
     let timeout = t.get("timeout").map_or(Some(Duration::from_secs(10)), |v| {
         duration(errs, &t.key("timeout"), v)
     });
+    let system_roots = match t.get("system_roots") {
+        None => true,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => {
+            errs.push(t.key("system_roots"), "expected true or false");
+            true
+        }
+    };
+    let tls_roots = match t.get("ca_certificates") {
+        Some(v) => credential(
+            errs,
+            &t.key("ca_certificates"),
+            v,
+            env,
+            FileKind::Certificate,
+            |pem| TlsRoots::parse(pem, true),
+        )
+        .and_then(|roots| roots.current().ok())
+        .map(|roots| TlsRoots {
+            system_roots,
+            ..(*roots).clone()
+        }),
+        None if !system_roots => {
+            errs.push(
+                t.key("system_roots"),
+                "false leaves no root to trust: give ca_certificates = { file = \"/etc/credbroker/NAME-ca.pem\" }",
+            );
+            None
+        }
+        None => None,
+    };
     t.finish(errs);
     if errs.0.len() != before {
         return None;
@@ -897,6 +958,7 @@ fn client_config(
         extra_params,
         default_ttl: default_ttl?,
         timeout: timeout?,
+        tls_roots,
     })
 }
 
@@ -913,11 +975,14 @@ fn private_key_auth(
             "missing; private_key_jwt needs private_key = { file = \"/etc/credbroker/NAME.pem\" }",
         )
         .and_then(|v| {
-            secret(errs, &t.key("private_key"), v, env).and_then(|pem| {
-                PrivateKey::new(pem)
-                    .map_err(|e| errs.push(t.key("private_key"), e.to_string()))
-                    .ok()
-            })
+            credential(
+                errs,
+                &t.key("private_key"),
+                v,
+                env,
+                FileKind::Secret,
+                |pem| PrivateKey::new(pem).map_err(|e| e.to_string()),
+            )
         });
     let key_id = t
         .get("key_id")
@@ -945,10 +1010,71 @@ fn private_key_auth(
             None
         }
     };
+    let certificate = t.get("certificate").and_then(|v| {
+        credential(
+            errs,
+            &t.key("certificate"),
+            v,
+            env,
+            FileKind::Certificate,
+            Certificate::parse,
+        )
+    });
+    let signing_alg = match t.get("signing_alg") {
+        None => None,
+        Some(Value::String(s)) if Alg::parse(s).is_some() => Alg::parse(s),
+        Some(_) => {
+            errs.push(
+                t.key("signing_alg"),
+                "expected \"ES256\" (EC keys), \"PS256\" or \"RS256\" (RSA keys)",
+            );
+            None
+        }
+    };
+    let certificate_sha1 = match t.get("certificate_sha1") {
+        None => false,
+        Some(Value::Boolean(b)) => *b,
+        Some(_) => {
+            errs.push(t.key("certificate_sha1"), "expected true or false");
+            false
+        }
+    };
+    if certificate_sha1 && !t.used.contains("certificate") {
+        errs.push(t.key("certificate_sha1"), "needs a certificate");
+    }
+    let key = key?;
+    // The key, the algorithm and the certificate must go together: sign a trial assertion as a fetch would.
+    if let Ok(k) = key.current() {
+        let cert = certificate.as_ref().and_then(|c| c.current().ok());
+        let alg = signing_alg.unwrap_or_else(|| k.default_alg(cert.is_some()));
+        let trial = jwt::client_assertion(
+            "check",
+            "https://check.invalid/",
+            &k,
+            jwt::Signing {
+                alg,
+                key_id: None,
+                certificate: cert.as_deref(),
+                sha1_thumbprint: false,
+            },
+            std::time::SystemTime::now(),
+        );
+        match trial {
+            Err(e @ jwt::KeyError::CertificateMismatch(_)) => {
+                errs.push(t.key("certificate"), e.to_string())
+            }
+            Err(e @ jwt::KeyError::WrongAlg(_)) => errs.push(t.key("signing_alg"), e.to_string()),
+            Err(e) => errs.push(t.key("private_key"), e.to_string()),
+            Ok(_) => {}
+        }
+    }
     Some(ClientAuth::PrivateKeyJwt {
-        key: key?,
+        key,
         key_id,
         audience: audience?,
+        certificate,
+        signing_alg,
+        certificate_sha1,
     })
 }
 
@@ -961,7 +1087,48 @@ const RESERVED_PARAMS: [&str; 6] = [
     "client_assertion_type",
 ];
 
-fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Option<Secret> {
+/// A credential source, loaded under the rules of `kind` and parsed with `parse`; read again when its file
+/// changes.
+fn credential<T>(
+    errs: &mut Errors,
+    key: &str,
+    v: &Value,
+    env: &SecretEnv<'_>,
+    kind: FileKind,
+    parse: fn(Secret) -> Result<T, String>,
+) -> Option<Rotating<T>> {
+    let source = secret_source(errs, key, v)?;
+    Rotating::load(source, kind, env, parse)
+        .map_err(|e| errs.push(key, e))
+        .ok()
+}
+
+/// One secret source, or a list of them tried in order (`client_secret = [{ file = … }, { file = … }]`).
+fn secrets(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Option<Secrets> {
+    let keep = |s: Secret| -> Result<Secret, String> { Ok(s) };
+    match v {
+        Value::Array(list) if list.is_empty() => {
+            errs.push(key, "an empty list; give at least one source");
+            None
+        }
+        Value::Array(list) => {
+            let loaded: Vec<Option<Rotating<Secret>>> = list
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    credential(errs, &format!("{key}[{i}]"), v, env, FileKind::Secret, keep)
+                })
+                .collect();
+            loaded
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .map(Secrets::new)
+        }
+        v => credential(errs, key, v, env, FileKind::Secret, keep).map(|s| Secrets::new(vec![s])),
+    }
+}
+
+fn secret_source(errs: &mut Errors, key: &str, v: &Value) -> Option<SecretSource> {
     #[cfg(test)]
     for source in ["file", "credential", "env"] {
         keys::record(key, source);
@@ -1015,9 +1182,7 @@ fn secret(errs: &mut Errors, key: &str, v: &Value, env: &SecretEnv<'_>) -> Optio
             return None;
         }
     };
-    Secret::load(source, env)
-        .map_err(|e| errs.push(key, e.to_string()))
-        .ok()
+    Some(source)
 }
 
 fn policy(
@@ -1327,6 +1492,17 @@ token_url = "https://idp.example/token"
 client_id = "j"
 auth_method = "private_key_jwt"
 private_key = { file = "SECRET_FILE" }
+certificate = { env = "CERT" }
+signing_alg = "PS256"
+certificate_sha1 = true
+ca_certificates = { env = "CA" }
+system_roots = false
+
+[clients.federated]
+token_url = "https://idp.example/token"
+client_id = "f"
+auth_method = "client_assertion"
+client_assertion = { env = "ASSERTION" }
 "#;
         let _ = f.parse(&everything);
         let read = keys::READ.with(|r| r.borrow().clone());
@@ -1363,7 +1539,11 @@ private_key = { file = "SECRET_FILE" }
         let c = f.parse(GOOD).unwrap();
         assert_eq!(c.daemon.socket_mode, 0o660);
         let idp = &c.clients["idp"];
-        assert_eq!(idp.auth.secret().unwrap().expose(), "s3cr3t-value");
+        let ClientAuth::Basic { secrets, .. } = &idp.auth else {
+            panic!("basic by default")
+        };
+        let (_, secret) = secrets.in_turn().next().unwrap();
+        assert_eq!(secret.current().unwrap().expose(), "s3cr3t-value");
         assert_eq!(idp.auth.method(), "client_secret_basic");
         assert_eq!(idp.timeout, Duration::from_secs(10));
         assert_eq!(

@@ -150,7 +150,8 @@ struct State {
 /// What a reload changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reloaded {
-    /// Clients whose endpoint or credentials changed, or that are gone: their cached tokens were dropped.
+    /// Clients whose endpoint, client id or parameters changed, or that are gone: their cached tokens were
+    /// dropped.
     pub clients_changed: Vec<String>,
     /// Cached entries dropped.
     pub tokens_dropped: usize,
@@ -311,8 +312,8 @@ impl Broker {
         self.state().config.policies.matches_any(caller)
     }
 
-    /// Applies a new config: the new clients serve new fetches, cached tokens of clients whose endpoint or
-    /// credentials changed (or that are gone) are dropped, and the new policies take over in one step.
+    /// Applies a new config: the new clients serve new fetches, cached tokens of clients whose endpoint, client
+    /// id or parameters changed (or that are gone) are dropped, and the new policies take over in one step.
     pub fn reload(&self, new: Config) -> Reloaded {
         let old = self.state();
         let mut changed: Vec<String> = old
@@ -477,6 +478,7 @@ impl Broker {
             policies: &allowed.policies,
             source,
             fingerprint: token.fingerprint,
+            credential: token.credential.as_deref(),
         });
         Ok(pb::GetTokenResponse {
             access_token: token.access_token.expose_secret().to_owned(),

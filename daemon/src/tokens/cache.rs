@@ -91,6 +91,8 @@ pub struct CachedToken {
     pub refresh_at: Instant,
     /// Its fingerprint, for the audit log.
     pub fingerprint: Fingerprint,
+    /// The credential that authenticated its request, for the audit log.
+    pub credential: Option<Arc<str>>,
 }
 
 impl fmt::Debug for CachedToken {
@@ -121,6 +123,7 @@ impl CachedToken {
             token_type: t.token_type,
             granted: t.granted,
             lifetime: t.lifetime,
+            credential: t.credential,
         }
     }
 
@@ -994,6 +997,7 @@ mod tests {
                     lifetime,
                     received_at: Instant::now(),
                     granted: scopes,
+                    credential: None,
                 })
             })
         }

@@ -2,36 +2,49 @@
 //! there, what it sends with every request. The config builds these; nothing here reads the config.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
 
-use crate::secret::Secret;
-use crate::tokens::jwt::PrivateKey;
+use crate::secret::{Rotating, Secret, SecretSource};
+use crate::tokens::assertion::Assertion;
+use crate::tokens::jwt::{Alg, Certificate, PrivateKey};
 
-/// How the broker authenticates to the token endpoint.
+/// How the broker authenticates to the token endpoint. Every credential is read again when its file changes.
 #[derive(Debug)]
 pub enum ClientAuth {
     /// `client_secret_basic`: HTTP Basic (RFC 6749 §2.3.1).
     Basic {
-        /// The client secret.
-        secret: Secret,
+        /// The client secret (or secrets, tried in order).
+        secrets: Secrets,
         /// How id and secret are encoded.
         encoding: BasicEncoding,
     },
     /// `client_secret_post`: `client_id` and `client_secret` in the form body.
     Post {
-        /// The client secret.
-        secret: Secret,
+        /// The client secret (or secrets, tried in order).
+        secrets: Secrets,
     },
-    /// `private_key_jwt`: a signed client assertion (RFC 7523).
+    /// `private_key_jwt`: a client assertion the broker signs (RFC 7523).
     PrivateKeyJwt {
         /// The signing key.
-        key: PrivateKey,
+        key: Rotating<PrivateKey>,
         /// `kid` for the assertion's header.
         key_id: Option<String>,
         /// The assertion's `aud`.
         audience: AssertionAudience,
+        /// The key's certificate: its thumbprints go in the header.
+        certificate: Option<Rotating<Certificate>>,
+        /// `signing_alg`, if set; else the key's default ([`PrivateKey::default_alg`]).
+        signing_alg: Option<Alg>,
+        /// `certificate_sha1`: add the SHA-1 thumbprint `x5t`.
+        certificate_sha1: bool,
+    },
+    /// `client_assertion`: a federated client assertion another issuer minted, sent as it is (RFC 7523).
+    ClientAssertion {
+        /// The assertion.
+        assertion: Rotating<Assertion>,
     },
 }
 
@@ -42,44 +55,65 @@ impl ClientAuth {
             Self::Basic { .. } => "client_secret_basic",
             Self::Post { .. } => "client_secret_post",
             Self::PrivateKeyJwt { .. } => "private_key_jwt",
+            Self::ClientAssertion { .. } => "client_assertion",
         }
     }
 
-    /// The client secret, for the methods that have one.
-    pub fn secret(&self) -> Option<&Secret> {
+    /// Where its credentials come from, in the order they are tried.
+    pub fn sources(&self) -> Vec<&SecretSource> {
         match self {
-            Self::Basic { secret, .. } | Self::Post { secret } => Some(secret),
-            Self::PrivateKeyJwt { .. } => None,
+            Self::Basic { secrets, .. } | Self::Post { secrets } => {
+                secrets.list.iter().map(Rotating::source).collect()
+            }
+            Self::PrivateKeyJwt {
+                key, certificate, ..
+            } => std::iter::once(key.source())
+                .chain(certificate.as_ref().map(Rotating::source))
+                .collect(),
+            Self::ClientAssertion { assertion } => vec![assertion.source()],
+        }
+    }
+}
+
+/// A client's secrets: one, or several tried in order when the IdP rejects one, so that an old and a new
+/// secret both work while the IdP accepts both. The one that worked last is tried first.
+#[derive(Debug)]
+pub struct Secrets {
+    list: Vec<Rotating<Secret>>,
+    active: AtomicUsize,
+}
+
+impl Secrets {
+    /// The secrets, tried in this order (at least one).
+    pub fn new(list: Vec<Rotating<Secret>>) -> Self {
+        assert!(!list.is_empty(), "a client has at least one secret");
+        Self {
+            list,
+            active: AtomicUsize::new(0),
         }
     }
 
-    fn same_as(&self, other: &ClientAuth) -> bool {
-        match (self, other) {
-            (
-                Self::Basic {
-                    secret: a,
-                    encoding: x,
-                },
-                Self::Basic {
-                    secret: b,
-                    encoding: y,
-                },
-            ) => a.expose() == b.expose() && x == y,
-            (Self::Post { secret: a }, Self::Post { secret: b }) => a.expose() == b.expose(),
-            (
-                Self::PrivateKeyJwt {
-                    key: a,
-                    key_id: i,
-                    audience: x,
-                },
-                Self::PrivateKeyJwt {
-                    key: b,
-                    key_id: j,
-                    audience: y,
-                },
-            ) => a.same_as(b) && i == j && x == y,
-            _ => false,
-        }
+    /// The secrets in the order to try them now: the one that worked last first, then the others in order.
+    pub fn in_turn(&self) -> impl Iterator<Item = (usize, &Rotating<Secret>)> {
+        let first = self.active.load(Ordering::Relaxed);
+        std::iter::once(first)
+            .chain((0..self.list.len()).filter(move |&i| i != first))
+            .map(|i| (i, &self.list[i]))
+    }
+
+    /// Remembers that secret `i` worked.
+    pub fn worked(&self, i: usize) {
+        self.active.store(i, Ordering::Relaxed);
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Never: there is at least one.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
     }
 }
 
@@ -124,17 +158,63 @@ pub struct ClientConfig {
     pub default_ttl: Duration,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// TLS roots of its own (`ca_certificates`), if any.
+    pub tls_roots: Option<TlsRoots>,
+}
+
+/// A client's own TLS roots: a private CA's certificates, trusted beside the system's roots or instead of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsRoots {
+    /// The CA certificates, DER.
+    pub certificates: Vec<Vec<u8>>,
+    /// Whether the system's roots are trusted too (`system_roots`, default true).
+    pub system_roots: bool,
+    /// Where they came from.
+    pub source: SecretSource,
+}
+
+impl TlsRoots {
+    /// Every certificate of a PEM bundle (at least one).
+    ///
+    /// # Errors
+    /// When the bundle holds no certificate, or one that cannot be a trust anchor.
+    pub fn parse(pem: Secret, system_roots: bool) -> Result<Self, String> {
+        use rustls_pki_types::pem::PemObject;
+        let source = pem.source().clone();
+        let mut certificates = Vec::new();
+        for (i, der) in
+            rustls_pki_types::CertificateDer::pem_slice_iter(pem.expose().as_bytes()).enumerate()
+        {
+            let der = der.map_err(|e| format!("{source}: certificate {}: {e}", i + 1))?;
+            webpki::anchor_from_trusted_cert(&der).map_err(|e| {
+                format!(
+                    "{source}: certificate {} is not a usable CA certificate: {e:?}",
+                    i + 1
+                )
+            })?;
+            certificates.push(der.as_ref().to_vec());
+        }
+        if certificates.is_empty() {
+            return Err(format!(
+                "{source} holds no certificate (-----BEGIN CERTIFICATE-----)"
+            ));
+        }
+        Ok(Self {
+            certificates,
+            system_roots,
+            source,
+        })
+    }
 }
 
 impl ClientConfig {
-    /// Whether `other` talks to the same endpoint with the same credentials and parameters, so tokens
-    /// fetched under one are valid under the other (a reload keeps them).
+    /// Whether tokens fetched under `other` are what this client would fetch: the same endpoint, client id
+    /// and parameters (a reload then keeps them). Credentials do not matter: a token was valid when issued,
+    /// and dropping it revokes nothing.
     pub fn same_upstream(&self, other: &ClientConfig) -> bool {
         self.token_url == other.token_url
             && self.issuer == other.issuer
-            && self.allow_http == other.allow_http
             && self.client_id == other.client_id
-            && self.auth.same_as(&other.auth)
             && self.extra_params == other.extra_params
     }
 }

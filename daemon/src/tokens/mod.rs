@@ -1,8 +1,10 @@
 //! Tokens and the IdP: the clients the broker is registered as ([`client`]), the client-credentials request and
-//! the parsing of its answer ([`upstream`]), `private_key_jwt` assertions ([`jwt`]), retries through transient
+//! the parsing of its answer ([`upstream`]), `private_key_jwt` assertions ([`jwt`]), federated client assertions
+//! ([`assertion`]), retries through transient
 //! trouble ([`retry`]), the cache with its single flight and refresh ahead ([`cache`]), and each uid's rate of
 //! new tokens ([`ratelimit`]).
 
+pub mod assertion;
 pub mod cache;
 pub mod client;
 pub mod jwt;

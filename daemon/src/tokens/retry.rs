@@ -130,6 +130,7 @@ mod tests {
             lifetime: Duration::from_secs(60),
             received_at: Instant::now(),
             granted: ScopeSet::parse(&["a"]).unwrap(),
+            credential: None,
         }
     }
 

@@ -23,10 +23,21 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::policy::scope::ScopeSet;
+use crate::secret::{Secret, SecretSource};
 use crate::tokens::client::{
     AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, endpoint_url,
 };
-use crate::tokens::jwt;
+use crate::tokens::jwt::{self, PrivateKey};
+
+/// The credential one request authenticates with, as read for it (its file read again if it changed).
+enum Credential {
+    Secret(std::sync::Arc<Secret>),
+    Key(
+        std::sync::Arc<PrivateKey>,
+        Option<std::sync::Arc<jwt::Certificate>>,
+    ),
+    Assertion(std::sync::Arc<crate::tokens::assertion::Assertion>),
+}
 
 /// Largest token response accepted, in bytes.
 pub const MAX_RESPONSE_LEN: usize = 64 * 1024;
@@ -47,6 +58,8 @@ pub struct Issued {
     pub received_at: Instant,
     /// The scopes granted: the response's `scope`, else the requested set.
     pub granted: ScopeSet,
+    /// Which credential authenticated the request (its source, for the audit log).
+    pub credential: Option<std::sync::Arc<str>>,
 }
 
 impl std::fmt::Debug for Issued {
@@ -156,6 +169,13 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the IdP refused the client's authentication (`invalid_client`, `unauthorized_client`, or a
+    /// 401): then another of the client's secrets may work.
+    pub fn is_client_auth_rejection(&self) -> bool {
+        matches!(self, Self::Rejected { status: 401, .. })
+            || matches!(self, Self::Rejected { code: Some(c), .. } if c == "invalid_client" || c == "unauthorized_client")
+    }
+
     /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts).
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -169,6 +189,10 @@ impl UpstreamError {
 #[derive(Clone, Debug)]
 pub struct Upstream {
     http: reqwest::Client,
+    /// HTTP clients of the clients with their own TLS roots (`ca_certificates`), by client name; made on
+    /// first use, forgotten on reload.
+    with_roots:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>>,
     /// Issuer -> token endpoint.
     discovered: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Url>>>,
 }
@@ -191,17 +215,48 @@ impl Upstream {
     pub fn new() -> Result<Self, reqwest::Error> {
         // Ignore the error: it only says a provider was installed already.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        Ok(Self {
+            http: Self::builder().build()?,
+            with_roots: Default::default(),
+            discovered: Default::default(),
+        })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
             .user_agent(concat!("credbroker/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .https_only(false)
             .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
-        Ok(Self {
-            http,
-            discovered: Default::default(),
-        })
+    }
+
+    /// The HTTP client for `client`: the shared one, or one that also trusts (or only trusts) the client's
+    /// `ca_certificates`, for its token endpoint and its discovery.
+    fn http_for(&self, client: &ClientConfig) -> Result<reqwest::Client, UpstreamError> {
+        let Some(roots) = &client.tls_roots else {
+            return Ok(self.http.clone());
+        };
+        let mut made = self.with_roots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(http) = made.get(&client.name) {
+            return Ok(http.clone());
+        }
+        let certs = roots
+            .certificates
+            .iter()
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| UpstreamError::Network(format!("cannot use {}: {e}", roots.source)))?;
+        let builder = if roots.system_roots {
+            Self::builder().tls_certs_merge(certs)
+        } else {
+            Self::builder().tls_certs_only(certs)
+        };
+        let http = builder.build().map_err(|e| {
+            UpstreamError::Network(format!("cannot set up TLS with {}: {e}", roots.source))
+        })?;
+        made.insert(client.name.clone(), http.clone());
+        Ok(http)
     }
 
     /// The token endpoint discovered for `issuer`, if discovery has run.
@@ -213,8 +268,12 @@ impl Upstream {
             .cloned()
     }
 
-    /// Forgets discovered endpoints (on reload).
+    /// Forgets discovered endpoints and the HTTP clients made for custom roots (on reload).
     pub fn forget_discovered(&self) {
+        self.with_roots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.discovered
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -244,7 +303,12 @@ impl Upstream {
             return Ok(url.clone());
         }
         let url = self
-            .discover(issuer, client.allow_http, client.timeout)
+            .discover(
+                &self.http_for(client)?,
+                issuer,
+                client.allow_http,
+                client.timeout,
+            )
             .await?;
         tracing::info!(client = %client.name, issuer = %id, token_endpoint = %url, "token endpoint discovered");
         self.discovered
@@ -259,6 +323,7 @@ impl Upstream {
     /// configured one.
     async fn discover(
         &self,
+        http: &reqwest::Client,
         issuer: &Url,
         allow_http: bool,
         timeout: Duration,
@@ -274,8 +339,7 @@ impl Upstream {
             rfc8414.to_string(),
         ];
         for url in &candidates {
-            let response = self
-                .http
+            let response = http
                 .get(url)
                 .header(ACCEPT, "application/json")
                 .timeout(timeout)
@@ -342,17 +406,91 @@ impl Upstream {
         scopes: &ScopeSet,
     ) -> Result<Issued, UpstreamError> {
         let token_url = self.token_endpoint(client).await?;
+        let credential_error = |source: &SecretSource, e: String| {
+            tracing::warn!(client = %client.name, %source, error = %e, "cannot use the client's credential");
+            UpstreamError::Assertion(e)
+        };
+        let (secrets, single) = match &client.auth {
+            ClientAuth::Basic { secrets, .. } | ClientAuth::Post { secrets } => {
+                (Some(secrets), None)
+            }
+            ClientAuth::PrivateKeyJwt {
+                key, certificate, ..
+            } => (
+                None,
+                Some(Credential::Key(
+                    key.current()
+                        .map_err(|e| credential_error(key.source(), e))?,
+                    certificate
+                        .as_ref()
+                        .map(|c| c.current().map_err(|e| credential_error(c.source(), e)))
+                        .transpose()?,
+                )),
+            ),
+            ClientAuth::ClientAssertion { assertion } => (
+                None,
+                Some(Credential::Assertion(
+                    assertion
+                        .current()
+                        .map_err(|e| credential_error(assertion.source(), e))?,
+                )),
+            ),
+        };
+        let Some(secrets) = secrets else {
+            let credential = single.expect("one credential when not secrets");
+            return self.send(client, scopes, &token_url, &credential).await;
+        };
+        // Secrets in turn: the next when the IdP rejects the client's authentication, before anything is
+        // remembered as a refusal; the one that works is tried first from then on.
+        let mut last = None;
+        for (i, rotating) in secrets.in_turn() {
+            let secret = match rotating.current() {
+                Ok(s) => s,
+                Err(e) => {
+                    last = Some(credential_error(rotating.source(), e));
+                    continue;
+                }
+            };
+            match self
+                .send(client, scopes, &token_url, &Credential::Secret(secret))
+                .await
+            {
+                Err(e) if e.is_client_auth_rejection() && secrets.len() > 1 => {
+                    tracing::warn!(client = %client.name, source = %rotating.source(), error = %e, "the IdP rejected this client secret; trying the next");
+                    last = Some(e);
+                }
+                Ok(issued) => {
+                    secrets.worked(i);
+                    return Ok(issued);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one secret was tried"))
+    }
+
+    /// One token request, authenticated with `credential`.
+    async fn send(
+        &self,
+        client: &ClientConfig,
+        scopes: &ScopeSet,
+        token_url: &Url,
+        credential: &Credential,
+    ) -> Result<Issued, UpstreamError> {
+        let token_url = token_url.clone();
         // Everything secret this request carries, in every form a server might echo: scrubbed from its
         // error text before any of it is logged.
         let mut sensitive: Vec<Zeroizing<String>> = Vec::new();
-        let body = form_body(client, scopes, &token_url, &mut sensitive)?;
+        let body = form_body(client, scopes, &token_url, credential, &mut sensitive)?;
         let mut request = self
-            .http
+            .http_for(client)?
             .post(token_url)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
             .timeout(client.timeout);
-        if let ClientAuth::Basic { secret, encoding } = &client.auth {
+        if let (ClientAuth::Basic { encoding, .. }, Credential::Secret(secret)) =
+            (&client.auth, credential)
+        {
             let (header, encoded) = basic_header(&client.client_id, secret.expose(), *encoding);
             sensitive.push(encoded);
             request = request.header(AUTHORIZATION, header);
@@ -379,7 +517,16 @@ impl Upstream {
         let body = read_capped(response, client.timeout).await?;
 
         if status.is_success() {
-            return parse_token(&body, &content_type, client, scopes, received_at);
+            let mut issued = parse_token(&body, &content_type, client, scopes, received_at)?;
+            issued.credential = Some(
+                match credential {
+                    Credential::Secret(s) => s.source().to_string(),
+                    Credential::Key(k, _) => k.source().to_string(),
+                    Credential::Assertion(a) => a.source().to_string(),
+                }
+                .into(),
+            );
+            return Ok(issued);
         }
         match status.as_u16() {
             429 => Err(UpstreamError::RateLimited { retry_after }),
@@ -411,6 +558,7 @@ fn form_body(
     client: &ClientConfig,
     scopes: &ScopeSet,
     token_url: &Url,
+    credential: &Credential,
     sensitive: &mut Vec<Zeroizing<String>>,
 ) -> Result<Zeroizing<String>, UpstreamError> {
     let mut form = form_urlencoded::Serializer::new(String::new());
@@ -419,22 +567,40 @@ fn form_body(
     for (k, v) in &client.extra_params {
         form.append_pair(k, v);
     }
-    match &client.auth {
-        ClientAuth::Basic { secret, .. } => {
+    match (&client.auth, credential) {
+        (ClientAuth::Basic { .. }, Credential::Secret(secret)) => {
             sensitive.push(Zeroizing::new(secret.expose().to_owned()));
             sensitive.push(form_encode(secret.expose()));
         }
-        ClientAuth::Post { secret } => {
+        (ClientAuth::Post { .. }, Credential::Secret(secret)) => {
             form.append_pair("client_id", &client.client_id);
             form.append_pair("client_secret", secret.expose());
             sensitive.push(Zeroizing::new(secret.expose().to_owned()));
             sensitive.push(form_encode(secret.expose()));
         }
-        ClientAuth::PrivateKeyJwt {
-            key,
-            key_id,
-            audience,
-        } => {
+        (ClientAuth::ClientAssertion { .. }, Credential::Assertion(assertion)) => {
+            let jwt = assertion
+                .usable(SystemTime::now())
+                .map_err(UpstreamError::Assertion)?;
+            form.append_pair("client_id", &client.client_id);
+            form.append_pair(
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            );
+            form.append_pair("client_assertion", jwt);
+            sensitive.push(Zeroizing::new(jwt.to_owned()));
+            sensitive.push(form_encode(jwt));
+        }
+        (
+            ClientAuth::PrivateKeyJwt {
+                key_id,
+                audience,
+                signing_alg,
+                certificate_sha1,
+                ..
+            },
+            Credential::Key(key, certificate),
+        ) => {
             let audience = match audience {
                 AssertionAudience::TokenEndpoint => token_url.as_str(),
                 AssertionAudience::Issuer => client.issuer.as_ref().map_or("", issuer_id),
@@ -444,7 +610,12 @@ fn form_body(
                 &client.client_id,
                 audience,
                 key,
-                key_id.as_deref(),
+                jwt::Signing {
+                    alg: signing_alg.unwrap_or_else(|| key.default_alg(certificate.is_some())),
+                    key_id: key_id.as_deref(),
+                    certificate: certificate.as_deref(),
+                    sha1_thumbprint: *certificate_sha1,
+                },
                 SystemTime::now(),
             )
             .map_err(|e| UpstreamError::Assertion(e.to_string()))?;
@@ -457,6 +628,7 @@ fn form_body(
             sensitive.push(form_encode(&assertion));
             sensitive.push(assertion);
         }
+        _ => unreachable!("each auth method is given its own kind of credential"),
     }
     Ok(Zeroizing::new(form.finish()))
 }
@@ -598,6 +770,7 @@ fn parse_token(
         lifetime,
         received_at,
         granted,
+        credential: None,
     })
 }
 
