@@ -8,6 +8,9 @@
 //!   because absolute figures drift on a shared machine.
 //!
 //! Run it with `scripts/bench` (builds the release binaries first). `--quick` shortens every phase.
+//! `--fleet` runs the fleet simulation instead ([`fleet`]): 1000 hosts × 20 keys through a 10-minute outage.
+
+mod fleet;
 
 use std::path::Path;
 use std::process::Stdio;
@@ -42,10 +45,55 @@ fn main() -> anyhow::Result<()> {
         return tokio::runtime::Runtime::new()?.block_on(floor(Path::new(socket)));
     }
     let quick = args.iter().any(|a| a == "--quick");
+    if args.iter().any(|a| a == "--fleet") {
+        return run_fleet(quick);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(run(quick))
+}
+
+/// Prints the fleet simulation's table: for each way the IdP fails, its request rate steady, at the outage's
+/// peak and in the first minute after it, and the callers that failed.
+fn run_fleet(quick: bool) -> anyhow::Result<()> {
+    let (hosts, keys) = if quick { (100, 20) } else { (1000, 20) };
+    let (lifetime, outage) = (Duration::from_secs(3600), Duration::from_secs(600));
+    println!(
+        "fleet: {hosts} hosts x {keys} keys, {} s tokens, each key asked for every minute; the IdP fails for {} s \
+         two hours in. Rates are IdP requests per second over 30-second windows (steady: the 30 minutes before).\n",
+        lifetime.as_secs(),
+        outage.as_secs()
+    );
+    println!(
+        "| outage | steady /s | outage peak /s | first minute after /s | 30 min after, peak /s | callers failed with a valid cached token | without one | wall |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for kind in [
+        fleet::Outage::Unavailable,
+        fleet::Outage::RateLimited,
+        fleet::Outage::Timeout,
+    ] {
+        let r = fleet::simulate(hosts, keys, lifetime, outage, kind)?;
+        println!(
+            "| {} | {:.1} | {:.1} ({:.2}x) | {:.1} ({:.2}x) | {:.1} ({:.2}x) | {} | {} | {:.1} s |",
+            kind.name(),
+            r.steady,
+            r.outage_peak,
+            r.outage_peak / r.steady,
+            r.recovery_peak,
+            r.recovery_peak / r.steady,
+            r.after_peak,
+            r.after_peak / r.steady,
+            r.failed_with_valid_token,
+            r.failed_without,
+            r.wall.as_secs_f64()
+        );
+    }
+    println!(
+        "\ntargets: outage peak <= 1.5x steady, first minute after <= 2x, no caller with a valid cached token fails"
+    );
+    Ok(())
 }
 
 /// The floor: a tonic server on a Unix socket that answers every GetToken with the same response.
@@ -709,14 +757,14 @@ async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Ro
 fn steady_workload() -> anyhow::Result<usize> {
     use credbroker_daemon::policy::scope::ScopeSet;
     use credbroker_daemon::tokens::cache::{
-        CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache,
+        CacheConfig, CacheKey, FetchFuture, FetchKind, Fetcher, MinTtl, TokenCache,
     };
     use credbroker_daemon::tokens::upstream::Issued;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     struct Count(AtomicUsize);
     impl Fetcher for Count {
-        fn fetch(&self, key: &CacheKey) -> FetchFuture {
+        fn fetch(&self, key: &CacheKey, _: FetchKind) -> FetchFuture {
             let n = self.0.fetch_add(1, Ordering::SeqCst);
             let granted = key.scopes.clone();
             Box::pin(async move {

@@ -105,6 +105,12 @@ pub const KEYS: &[Key] = &[
         "a connection with no call in flight for this long is closed (clients reconnect by themselves); a new connection must start its first call within 10 s, or this if shorter",
     ),
     key(
+        "daemon.retry_budget",
+        "fraction 0-1",
+        "`0.1`",
+        "retries to an IdP per first attempt, per client: while a client's IdP is failing, a renewal is tried again only with a retry earned this way (or when its token is about to expire); fetches a caller waits for retry at once from a budget of 2 that refills at this rate. Takes effect at restart",
+    ),
+    key(
         "daemon.metrics",
         "address:port",
         "off",

@@ -60,7 +60,7 @@ pub struct Origin {
 }
 
 /// `[daemon]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DaemonConfig {
     /// Socket path (ignored when systemd passes a socket).
     pub socket: PathBuf,
@@ -87,6 +87,8 @@ pub struct DaemonConfig {
     pub log_format: LogFormat,
     /// Where the Prometheus metrics endpoint listens, if anywhere (off by default).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Retries allowed per first attempt to an IdP (a fraction).
+    pub retry_budget: f64,
 }
 
 /// How log lines are written.
@@ -394,6 +396,7 @@ impl DaemonConfig {
             max_connections_per_uid: crate::serve::limits::PER_UID_CONNECTIONS,
             idle_timeout: crate::serve::limits::IDLE_TIMEOUT,
             metrics: None,
+            retry_budget: crate::tokens::retry::RETRY_RATIO,
             log_format: LogFormat::Text,
         }
     }
@@ -708,6 +711,17 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
     if let Some(v) = t.get("idle_timeout") {
         if let Some(idle) = duration(errs, &t.key("idle_timeout"), v) {
             d.idle_timeout = idle;
+        }
+    }
+    if let Some(v) = t.get("retry_budget") {
+        match v {
+            Value::Float(f) if (0.0..=1.0).contains(f) => d.retry_budget = *f,
+            Value::Integer(0) => d.retry_budget = 0.0,
+            Value::Integer(1) => d.retry_budget = 1.0,
+            _ => errs.push(
+                t.key("retry_budget"),
+                "expected a fraction from 0 to 1, such as 0.1 (one retry per ten first attempts)",
+            ),
         }
     }
     let allow_remote = match t.get("allow_remote_metrics") {

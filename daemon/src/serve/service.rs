@@ -20,10 +20,10 @@ use crate::identity::conn::Connection;
 use crate::identity::peer::{Caller, PeerError};
 use crate::policy::scope::ScopeSet;
 use crate::telemetry;
-use crate::tokens::cache::{CacheConfig, CacheKey, FetchFuture, Fetcher, MinTtl, TokenCache};
+use crate::tokens::cache::{CacheConfig, CacheKey, FetchFuture, MinTtl, TokenCache};
 use crate::tokens::client::ClientConfig;
 use crate::tokens::ratelimit::RateLimiter;
-use crate::tokens::retry::{RetryPolicy, with_retries};
+use crate::tokens::retry::{Attempt, RetryPolicy, Retrying};
 use crate::tokens::upstream::{Issued, Upstream, UpstreamError};
 
 /// Longest `min_ttl_seconds` accepted.
@@ -50,14 +50,14 @@ type Health = Arc<Mutex<BTreeMap<String, IdpHealth>>>;
 
 /// Records one token request to `client`'s IdP: in its [`IdpHealth`] and the metrics. A request still
 /// unanswered when dropped (the retry budget ran out) counts as a timeout.
-struct Attempt {
+struct Recording {
     health: Health,
     client: Arc<ClientConfig>,
     started: Instant,
     done: bool,
 }
 
-impl Attempt {
+impl Recording {
     fn finish(mut self, result: &Result<Issued, UpstreamError>) {
         self.done = true;
         match result {
@@ -81,7 +81,7 @@ impl Attempt {
     }
 }
 
-impl Drop for Attempt {
+impl Drop for Recording {
     fn drop(&mut self) {
         if !self.done {
             let e = UpstreamError::Timeout(self.started.elapsed());
@@ -90,41 +90,36 @@ impl Drop for Attempt {
     }
 }
 
-/// Gets tokens from the configured IdPs, retrying transient failures.
-struct IdpFetcher {
+/// One token request to a configured client's IdP; [`Retrying`] decides about retries.
+struct IdpAttempt {
     /// The current clients: replaced on reload.
     clients: Arc<RwLock<Clients>>,
     upstream: Upstream,
-    retry: RetryPolicy,
     health: Health,
 }
 
-impl Fetcher for IdpFetcher {
-    fn fetch(&self, key: &CacheKey) -> FetchFuture {
+impl Attempt for IdpAttempt {
+    fn attempt(&self, key: &CacheKey) -> FetchFuture {
         let client = read(&self.clients).get(&*key.client).cloned();
-        let (upstream, retry, scopes) = (self.upstream.clone(), self.retry, key.scopes.clone());
-        let health = self.health.clone();
+        let (upstream, scopes, health) = (
+            self.upstream.clone(),
+            key.scopes.clone(),
+            self.health.clone(),
+        );
         Box::pin(async move {
             let Some(client) = client else {
                 return Err(UpstreamError::InvalidResponse(
                     "the client is no longer configured".to_owned(),
                 ));
             };
-            let result = with_retries(&retry, &client.name, &scopes, || {
-                let attempt = Attempt {
-                    health: health.clone(),
-                    client: client.clone(),
-                    started: Instant::now(),
-                    done: false,
-                };
-                let (upstream, client, scopes) = (upstream.clone(), client.clone(), scopes.clone());
-                async move {
-                    let result = upstream.fetch(&client, &scopes).await;
-                    attempt.finish(&result);
-                    result
-                }
-            })
-            .await;
+            let recording = Recording {
+                health,
+                client: client.clone(),
+                started: Instant::now(),
+                done: false,
+            };
+            let result = upstream.fetch(&client, &scopes).await;
+            recording.finish(&result);
             if let Err(e) = &result {
                 log_upstream_failure(&client.name, &scopes, e);
             }
@@ -177,18 +172,22 @@ impl Broker {
     pub fn new(config: Arc<Config>, upstream: Upstream, proc_root: &Path) -> Self {
         let clients = Arc::new(RwLock::new(config.clients.clone()));
         let health = Health::default();
-        let fetcher = IdpFetcher {
-            clients: clients.clone(),
-            upstream: upstream.clone(),
-            retry: RetryPolicy::default(),
-            health: health.clone(),
-        };
+        let fetcher = Retrying::new(
+            IdpAttempt {
+                clients: clients.clone(),
+                upstream: upstream.clone(),
+                health: health.clone(),
+            },
+            RetryPolicy::default(),
+            config.daemon.retry_budget,
+        );
         let cache = TokenCache::new(
             Arc::new(fetcher),
             CacheConfig {
                 max_entries: config.daemon.max_cached_tokens,
                 max_bytes: config.daemon.max_cache_bytes,
                 default_min_ttl: config.daemon.default_min_ttl,
+                retry_ratio: config.daemon.retry_budget,
                 ..CacheConfig::default()
             },
         );
@@ -342,6 +341,9 @@ impl Broker {
         }
         if o.metrics != n.metrics {
             need_restart.push("daemon.metrics, allow_remote_metrics");
+        }
+        if o.retry_budget != n.retry_budget {
+            need_restart.push("daemon.retry_budget");
         }
         self.health
             .lock()

@@ -11,7 +11,8 @@
 //!   IdP. A token nobody uses is not refreshed;
 //!   its entry is removed when it expires.
 //! - **Failures**: a non-transient IdP error (4xx) is remembered for [`CacheConfig::error_ttl`], so a
-//!   misconfigured client cannot hammer the IdP. A failed refresh keeps the valid cached token and retries.
+//!   misconfigured client cannot hammer the IdP. A failed renewal keeps the valid cached token and tries again
+//!   as its client's renewals allow ([`crate::tokens::renewal`]: backoff, retry budget, recovery order).
 //! - **Bounded**: at most [`CacheConfig::max_entries`] keys and [`CacheConfig::max_bytes`] bytes (estimated
 //!   per entry, remembered refusals included); when over, idle entries go, those without a token first, then
 //!   the soonest to expire, found in O(log n) through an ordered index. A request stopped by the rate limit
@@ -32,6 +33,7 @@ use tokio::time::Instant;
 
 use crate::policy::scope::ScopeSet;
 use crate::telemetry::{Lookup, metrics};
+use crate::tokens::renewal::{self, Renewals};
 use crate::tokens::retry::random_fraction;
 use crate::tokens::upstream::{Issued, UpstreamError};
 
@@ -234,6 +236,8 @@ pub struct CacheConfig {
     pub error_ttl: Duration,
     /// The daemon's default min TTL: refreshes happen before a token stops satisfying it.
     pub default_min_ttl: Duration,
+    /// Retries earned per first attempt while a client is failing (`daemon.retry_budget`).
+    pub retry_ratio: f64,
 }
 
 impl Default for CacheConfig {
@@ -245,6 +249,7 @@ impl Default for CacheConfig {
             refresh_by: 0.75,
             error_ttl: Duration::from_secs(10),
             default_min_ttl: Duration::from_secs(60),
+            retry_ratio: crate::tokens::retry::RETRY_RATIO,
         }
     }
 }
@@ -252,10 +257,20 @@ impl Default for CacheConfig {
 /// A fetch of a new token for a key (from the IdP, retries included).
 pub type FetchFuture = Pin<Box<dyn Future<Output = Result<Issued, UpstreamError>> + Send>>;
 
+/// Why a token is fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchKind {
+    /// A caller waits for it (no usable token): transient failures are retried at once, within the client's
+    /// retry budget.
+    Caller,
+    /// A renewal ahead of expiry: one attempt; the refresher schedules the next.
+    Renewal,
+}
+
 /// Gets new tokens for the cache.
 pub trait Fetcher: Send + Sync + 'static {
     /// Starts fetching a token for `key`.
-    fn fetch(&self, key: &CacheKey) -> FetchFuture;
+    fn fetch(&self, key: &CacheKey, kind: FetchKind) -> FetchFuture;
 }
 
 /// Why the cache has no token for a request.
@@ -305,6 +320,8 @@ struct SlotState {
 
 struct Slot {
     key: CacheKey,
+    /// Unique in the cache: names the slot in its client's renewal queue.
+    id: u64,
     token: RwLock<Option<Arc<CachedToken>>>,
     state: Mutex<SlotState>,
     /// Milliseconds since the cache's epoch at the last request for this key.
@@ -404,6 +421,8 @@ struct Inner {
     fetcher: Arc<dyn Fetcher>,
     /// Read on inserts and fetches only; a reload may change it.
     config: Mutex<CacheConfig>,
+    /// Renewals through IdP outages, per client.
+    renewals: Renewals,
     epoch: Instant,
 }
 
@@ -425,6 +444,7 @@ impl TokenCache {
                 seq: AtomicU64::new(0),
                 hasher: std::collections::hash_map::RandomState::new(),
                 fetcher,
+                renewals: Renewals::new(config.retry_ratio),
                 config: Mutex::new(config),
                 epoch: Instant::now(),
             }),
@@ -603,7 +623,7 @@ impl TokenCache {
                         admit().map_err(|retry_in| CacheError::RateLimited { retry_in })?;
                     }
                     metrics().lookup(Lookup::Miss);
-                    inner.start_fetch(&slot, &mut st)
+                    inner.start_fetch(&slot, &mut st, FetchKind::Caller, true)
                 }
             }
         };
@@ -653,6 +673,7 @@ impl Inner {
             }
             let slot = Arc::new(Slot {
                 key: key.clone(),
+                id: order.1,
                 token: RwLock::new(None),
                 state: Mutex::new(SlotState::default()),
                 last_used: AtomicU64::new(self.millis(now)),
@@ -749,14 +770,21 @@ impl Inner {
     }
 
     /// Starts the one fetch for `slot`; its result goes to every receiver of the returned channel.
+    /// `first` says whether it is a first attempt (a caller's, or a renewal falling due) rather than a
+    /// renewal's retry: first attempts earn the client's retry budget.
     fn start_fetch(
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         st: &mut SlotState,
+        kind: FetchKind,
+        first: bool,
     ) -> watch::Receiver<Option<FetchResult>> {
         let (tx, rx) = watch::channel(None);
         st.inflight = Some(rx.clone());
-        let fetch = self.fetcher.fetch(&slot.key);
+        if first {
+            self.renewals.client(&slot.key.client).first_attempt();
+        }
+        let fetch = self.fetcher.fetch(&slot.key, kind);
         let (inner, weak) = (Arc::downgrade(self), Arc::downgrade(slot));
         // Counted until the fetch task ends, however it ends.
         struct Fetching(Arc<std::sync::atomic::AtomicUsize>);
@@ -798,6 +826,7 @@ impl Inner {
         slot: &Arc<Slot>,
         result: Result<Issued, UpstreamError>,
     ) -> FetchResult {
+        self.observe(slot, &result);
         let mut st = slot.state();
         st.inflight = None;
         match result {
@@ -840,6 +869,47 @@ impl Inner {
         }
     }
 
+    /// Tells the client's renewals how the IdP answered: a transient failure means it is failing; any answer
+    /// that is not one (a token, or a refusal) means it is back.
+    fn observe(&self, slot: &Slot, result: &Result<Issued, UpstreamError>) {
+        let client = self.renewals.client(&slot.key.client);
+        let now = Instant::now();
+        match result {
+            Err(e) if e.is_transient() => client.failed(e.retry_after(), now),
+            _ if client.is_failing() => {
+                let lifetime = match result {
+                    Ok(issued) => issued.lifetime,
+                    Err(_) => slot
+                        .token()
+                        .map_or(Duration::from_secs(300), |t| t.lifetime),
+                };
+                client.succeeded(self.recovery_interval(&slot.key.client, lifetime), now);
+            }
+            _ => {}
+        }
+    }
+
+    /// The spacing of a client's renewals after a recovery: its steady renewal interval (a token of
+    /// `lifetime` is renewed about every 70% of its usable life, and the client has this many entries), times
+    /// [`renewal::SPREAD`].
+    fn recovery_interval(&self, client: &str, lifetime: Duration) -> Duration {
+        let entries: usize = self
+            .shards
+            .iter()
+            .map(|s| {
+                s.read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .filter(|k| *k.client == *client)
+                    .count()
+            })
+            .sum();
+        let usable = lifetime - MinTtl::Default(self.config().default_min_ttl).required(lifetime);
+        usable
+            .mul_f64(0.7 * renewal::SPREAD)
+            .div_f64(entries.max(1) as f64)
+    }
+
     fn ensure_refresher(self: &Arc<Self>, slot: &Arc<Slot>) {
         let mut task = slot.refresher.lock().unwrap_or_else(|e| e.into_inner());
         if task.as_ref().is_none_or(JoinHandle::is_finished) {
@@ -869,22 +939,19 @@ impl Inner {
 
 /// Keeps one slot's token fresh while it is in use, and removes it once it expires unused.
 async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
-    let mut wake = None;
     loop {
         let Some(token) = slot.upgrade().and_then(|s| s.token()) else {
             return;
         };
-        tokio::time::sleep_until(wake.unwrap_or(token.refresh_at).max(token.refresh_at)).await;
+        tokio::time::sleep_until(token.refresh_at).await;
         let (Some(inner_s), Some(slot_s)) = (inner.upgrade(), slot.upgrade()) else {
             return;
         };
         if !slot_s.token().is_some_and(|t| Arc::ptr_eq(&t, &token)) {
             // Replaced by a fetch a caller triggered: follow the new token.
-            wake = None;
             continue;
         }
-        let now = Instant::now();
-        if now >= token.expires_at {
+        if Instant::now() >= token.expires_at {
             inner_s.remove_expired(&slot_s, &token);
             return;
         }
@@ -902,46 +969,110 @@ async fn refresher(inner: Weak<Inner>, slot: Weak<Slot>) {
                 return;
             }
             // A caller fetched a new token meanwhile: look after that one.
-            wake = None;
             continue;
         }
-        let mut rx = {
+        drop((inner_s, slot_s));
+        if renew(&inner, &slot, &token).await.is_none() {
+            return;
+        }
+    }
+}
+
+/// Renews `token` of `slot`: a first attempt, then, while it fails, tries after a growing, jittered backoff,
+/// within the client's retry budget, and in the client's recovery order once the IdP answers again
+/// ([`crate::tokens::renewal`]). Returns when the slot has a new token (`Some`), or is gone (`None`).
+async fn renew(inner: &Weak<Inner>, slot: &Weak<Slot>, token: &Arc<CachedToken>) -> Option<()> {
+    let (client, id, mut recovered) = {
+        let (inner_s, slot_s) = (inner.upgrade()?, slot.upgrade()?);
+        let client = inner_s.renewals.client(&slot_s.key.client);
+        let recovered = client.subscribe();
+        (client, slot_s.id, recovered)
+    };
+    // The IdP asked for a pause (`Retry-After`): a renewal falling due waits for it too, jittered.
+    if let Some(until) = client.not_before(Instant::now()) {
+        let jitter = renewal::BASE.mul_f64(random_fraction());
+        tokio::time::sleep_until(until + jitter).await;
+    }
+    let mut n = 0u32;
+    loop {
+        let rx = {
+            let (inner_s, slot_s) = (inner.upgrade()?, slot.upgrade()?);
+            if !slot_s.token().is_some_and(|t| Arc::ptr_eq(&t, token)) {
+                client.done(id, token.expires_at);
+                return Some(());
+            }
             let mut st = slot_s.state();
             match &st.inflight {
                 Some(rx) => rx.clone(),
                 None => {
                     metrics().renewal();
-                    inner_s.start_fetch(&slot_s, &mut st)
+                    tracing::debug!(client = %slot_s.key.client, scopes = %slot_s.key.scopes, token = %token.fingerprint, attempt = n + 1, "renewing ahead of expiry");
+                    inner_s.start_fetch(&slot_s, &mut st, FetchKind::Renewal, n == 0)
                 }
             }
         };
-        tracing::debug!(client = %slot_s.key.client, scopes = %slot_s.key.scopes, token = %token.fingerprint, "refreshing ahead of expiry");
-        drop((inner_s, slot_s));
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(r) => r.clone(),
-            Err(_) => return,
-        };
+        let outcome = wait_fetch(rx).await?;
         match outcome {
-            Some(Ok(_)) => wake = None,
-            Some(Err(e)) => {
-                metrics().renewal_failed();
-                if let Some(slot) = slot.upgrade() {
-                    slot.renewal_failing.store(true, Ordering::Relaxed);
-                }
-                let left = token.remaining(Instant::now());
-                tracing::warn!(
-                    client = %slot.upgrade().map(|s| s.key.client.to_string()).unwrap_or_default(),
-                    error = %e,
-                    left_s = left.as_secs(),
-                    "refresh failed; the cached token is served until it expires"
-                );
-                // Transient or not, try again later while the token lasts: a tenth of what is left, 1 to 30 s.
-                let pause = (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(30));
-                wake = Some(Instant::now() + pause);
+            Ok(_) => {
+                client.done(id, token.expires_at);
+                return Some(());
             }
-            None => return,
+            Err(e) => {
+                metrics().renewal_failed();
+                let slot_s = slot.upgrade()?;
+                slot_s.renewal_failing.store(true, Ordering::Relaxed);
+                tracing::warn!(
+                    client = %slot_s.key.client,
+                    scopes = %slot_s.key.scopes,
+                    error = %e,
+                    left_s = token.remaining(Instant::now()).as_secs(),
+                    "renewal failed; the cached token is served until it expires"
+                );
+                if n == 0 {
+                    client.wait(id, token.expires_at);
+                }
+            }
+        }
+        // The next try: after a backoff; while the client is failing, only with a retry from its budget (or
+        // for a token about to expire); after a recovery, in the key's turn.
+        loop {
+            n += 1;
+            let remaining = token.remaining(Instant::now());
+            let mut pause = renewal::backoff(n, remaining, random_fraction());
+            if let Some(until) = client.not_before(Instant::now()) {
+                pause = pause.max(until - Instant::now());
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = recovered.changed() => {}
+            }
+            let (inner_s, slot_s) = (inner.upgrade()?, slot.upgrade()?);
+            if !slot_s.token().is_some_and(|t| Arc::ptr_eq(&t, token)) {
+                client.done(id, token.expires_at);
+                return Some(());
+            }
+            if Instant::now() >= token.expires_at {
+                client.done(id, token.expires_at);
+                inner_s.remove_expired(&slot_s, token);
+                return None;
+            }
+            drop((inner_s, slot_s));
+            if !client.is_failing() {
+                if let Some(turn) = client.slot(id) {
+                    tokio::time::sleep_until(turn).await;
+                }
+                break;
+            }
+            if token.remaining(Instant::now()) < renewal::LAST_RESORT || client.take_retry() {
+                break;
+            }
         }
     }
+}
+
+/// The outcome of a fetch; `None` if it went away without one.
+async fn wait_fetch(mut rx: watch::Receiver<Option<FetchResult>>) -> Option<FetchResult> {
+    rx.wait_for(Option::is_some).await.ok()?.clone()
 }
 
 #[cfg(test)]
@@ -953,6 +1084,8 @@ mod tests {
     struct Fake {
         calls: AtomicUsize,
         at: Mutex<Vec<Instant>>,
+        /// The first scope of each fetch, in order.
+        keys: Mutex<Vec<String>>,
         lifetime: Duration,
         delay: Duration,
         fail: Mutex<Option<fn() -> UpstreamError>>,
@@ -965,6 +1098,7 @@ mod tests {
             let fake = Arc::new(Self {
                 calls: AtomicUsize::new(0),
                 at: Mutex::new(Vec::new()),
+                keys: Mutex::new(Vec::new()),
                 lifetime: Duration::from_secs(lifetime),
                 delay: Duration::ZERO,
                 fail: Mutex::new(None),
@@ -979,9 +1113,13 @@ mod tests {
     }
 
     impl Fetcher for Fake {
-        fn fetch(&self, key: &CacheKey) -> FetchFuture {
+        fn fetch(&self, key: &CacheKey, _: FetchKind) -> FetchFuture {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             self.at.lock().unwrap().push(Instant::now());
+            self.keys
+                .lock()
+                .unwrap()
+                .push(key.scopes.iter().next().unwrap_or("").to_owned());
             let (lifetime, delay, mut gate) = (self.lifetime, self.delay, self.gate.clone());
             let fail = *self.fail.lock().unwrap();
             let scopes = key.scopes.clone();
@@ -1225,6 +1363,77 @@ mod tests {
             assert_eq!((token_of(&r), r.1), ("token-0", Source::Cache));
         }
         assert!(fake.calls() >= 2, "the refresher kept trying");
+    }
+
+    /// Ten keys fetched a minute apart; the IdP fails from before their renewals until after the last one
+    /// failed; then a new key's fetch finds it back.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_costs_few_retries_and_recovery_renews_soonest_expiry_first_spread_out() {
+        let (fake, _gate) = Fake::new(3600);
+        let cache = TokenCache::new(fake.clone(), CacheConfig::default());
+        let keys: Vec<CacheKey> = (0..10).map(|i| key(&[&format!("k{i}")])).collect();
+        for k in &keys {
+            cache.get(k, DEFAULT, open).await.unwrap();
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        // In use: each asked for again after its token arrived.
+        for k in &keys {
+            cache.get(k, DEFAULT, open).await.unwrap();
+        }
+        *fake.fail.lock().unwrap() = Some(|| UpstreamError::Server {
+            status: 503,
+            retry_after: None,
+        });
+        // Every renewal point passes (at most 75% of 3540 s after each token arrived: by 3195 s).
+        let start = Instant::now() - Duration::from_secs(600);
+        while start.elapsed() < Duration::from_secs(3200) {
+            tokio::time::advance(Duration::from_secs(5)).await;
+            settle().await;
+        }
+        // Each key tried once; retries only from the budget its first attempts earned (10 × 0.1 = 1).
+        let during = fake.calls() - 10;
+        assert!(
+            (10..=11).contains(&during),
+            "{during} IdP requests during the outage"
+        );
+
+        // The IdP is back; a new key's fetch finds out.
+        *fake.fail.lock().unwrap() = None;
+        cache.get(&key(&["new"]), DEFAULT, open).await.unwrap();
+        let recovered = fake.calls();
+        while start.elapsed() < Duration::from_secs(4300) {
+            tokio::time::advance(Duration::from_secs(5)).await;
+            settle().await;
+        }
+        let keys_after: Vec<String> = fake.keys.lock().unwrap()[recovered..].to_vec();
+        let at_after: Vec<Instant> = fake.at.lock().unwrap()[recovered..].to_vec();
+        let order: Vec<&str> = keys_after.iter().map(String::as_str).collect();
+        assert_eq!(
+            order,
+            ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"],
+            "one renewal each, soonest expiry first"
+        );
+        for (i, pair) in at_after.windows(2).enumerate() {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_secs(30),
+                "renewals {i} and {} {:?} apart",
+                i + 1,
+                pair[1] - pair[0]
+            );
+        }
+        // Every key renewed before its token expired (key i's expires 3600 + 60 i s after the start).
+        for (i, at) in at_after.iter().enumerate() {
+            assert!(
+                at.duration_since(start) < Duration::from_secs(3600 + 60 * i as u64),
+                "k{i} renewed at {:?}",
+                at.duration_since(start)
+            );
+        }
+        for k in &keys {
+            let (t, source) = cache.get(k, DEFAULT, open).await.unwrap();
+            assert_eq!(source, Source::Cache);
+            assert!(t.remaining(Instant::now()) > Duration::from_secs(1800));
+        }
     }
 
     #[tokio::test(start_paused = true)]

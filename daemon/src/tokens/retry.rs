@@ -1,14 +1,130 @@
 //! Retrying token requests through IdP trouble: capped exponential backoff with full jitter for transient
-//! failures (network errors, timeouts, 5xx, 429 with its `Retry-After`), no retry for 4xx, and a total
-//! budget so a request that needs a new token fails in seconds, not minutes.
+//! failures (network errors, timeouts, 5xx, 429 with its `Retry-After`), no retry for 4xx, a total time
+//! budget so a request that needs a new token fails in seconds, not minutes, and a retry budget per client
+//! ([`RetryBudget`]) so retries stay a small fraction of first attempts, however many keys fail at once.
+//!
+//! Only fetches a caller waits for are retried here ([`Retrying`]); a renewal makes one attempt, and its
+//! refresher schedules the next try ([`crate::tokens::renewal`]).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::policy::scope::ScopeSet;
+use crate::tokens::cache::{CacheKey, FetchFuture, FetchKind, Fetcher};
 use crate::tokens::upstream::{Issued, UpstreamError};
+
+/// Default fraction of first attempts that may be retried (`daemon.retry_budget`).
+pub const RETRY_RATIO: f64 = 0.1;
+/// Retries a client's budget holds at most, and at start: a lone failure is retried at once.
+pub const RETRY_BURST: f64 = 2.0;
+
+/// A client's retry budget, in the spirit of gRPC retry throttling: each first attempt earns `ratio` of a
+/// retry, up to [`RETRY_BURST`]; each retry spends one. While it is spent, failures are not retried at once.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    tokens: Mutex<f64>,
+}
+
+impl RetryBudget {
+    /// A full budget earning `ratio` per first attempt.
+    pub fn new(ratio: f64) -> Self {
+        Self {
+            ratio,
+            tokens: Mutex::new(RETRY_BURST),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, f64> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a first attempt.
+    pub fn first_attempt(&self) {
+        let mut t = self.lock();
+        *t = (*t + self.ratio).min(RETRY_BURST);
+    }
+
+    /// Takes one retry, if the budget has one.
+    pub fn try_retry(&self) -> bool {
+        let mut t = self.lock();
+        if *t >= 1.0 - 1e-9 {
+            *t = (*t - 1.0).max(0.0);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Retries left.
+    pub fn tokens(&self) -> f64 {
+        *self.lock()
+    }
+}
+
+/// One attempt at a token for a key: one request to the IdP.
+pub trait Attempt: Send + Sync + 'static {
+    /// Makes the attempt.
+    fn attempt(&self, key: &CacheKey) -> FetchFuture;
+}
+
+/// The cache's [`Fetcher`] over an [`Attempt`]: a fetch a caller waits for is retried by [`with_retries`]
+/// while its client's [`RetryBudget`] allows; a renewal makes one attempt.
+pub struct Retrying<A> {
+    attempt: Arc<A>,
+    policy: RetryPolicy,
+    ratio: f64,
+    budgets: Mutex<HashMap<Arc<str>, Arc<RetryBudget>>>,
+}
+
+impl<A: Attempt> Retrying<A> {
+    /// Retries `attempt` under `policy`, with budgets earning `ratio` per first attempt.
+    pub fn new(attempt: A, policy: RetryPolicy, ratio: f64) -> Self {
+        Self {
+            attempt: Arc::new(attempt),
+            policy,
+            ratio,
+            budgets: Mutex::default(),
+        }
+    }
+
+    /// The retry budget of `client`.
+    pub fn budget(&self, client: &Arc<str>) -> Arc<RetryBudget> {
+        self.budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(client.clone())
+            .or_insert_with(|| Arc::new(RetryBudget::new(self.ratio)))
+            .clone()
+    }
+}
+
+impl<A: Attempt> Fetcher for Retrying<A> {
+    fn fetch(&self, key: &CacheKey, kind: FetchKind) -> FetchFuture {
+        let budget = self.budget(&key.client);
+        let (attempt, policy, key) = (self.attempt.clone(), self.policy, key.clone());
+        Box::pin(async move {
+            budget.first_attempt();
+            match kind {
+                FetchKind::Renewal => attempt.attempt(&key).await,
+                FetchKind::Caller => {
+                    with_retries(
+                        &policy,
+                        &key.client,
+                        &key.scopes,
+                        || budget.try_retry(),
+                        || attempt.attempt(&key),
+                    )
+                    .await
+                }
+            }
+        })
+    }
+}
 
 /// How a token request is retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +193,7 @@ pub async fn with_retries<F, Fut>(
     policy: &RetryPolicy,
     client: &str,
     scopes: &ScopeSet,
+    may_retry: impl Fn() -> bool,
     mut attempt: F,
 ) -> Result<Issued, UpstreamError>
 where
@@ -102,6 +219,10 @@ where
         };
         if Instant::now() + delay >= deadline {
             tracing::warn!(client, scopes = %scopes, error = %error, "giving up: no time left to retry within {}", humantime::format_duration(policy.budget));
+            return Err(error);
+        }
+        if !may_retry() {
+            tracing::warn!(client, scopes = %scopes, error = %error, "not retrying: the client's retry budget is spent (retries are limited to a fraction of first attempts)");
             return Err(error);
         }
         retry += 1;
@@ -183,11 +304,17 @@ mod tests {
         let failures = std::cell::RefCell::new(std::collections::VecDeque::from(failures));
         let calls = Cell::new(0);
         let start = Instant::now();
-        let r = with_retries(&RetryPolicy::default(), "c", &scopes(), || {
-            calls.set(calls.get() + 1);
-            let next = failures.borrow_mut().pop_front();
-            async move { next.map_or_else(|| Ok(issued()), Err) }
-        })
+        let r = with_retries(
+            &RetryPolicy::default(),
+            "c",
+            &scopes(),
+            || true,
+            || {
+                calls.set(calls.get() + 1);
+                let next = failures.borrow_mut().pop_front();
+                async move { next.map_or_else(|| Ok(issued()), Err) }
+            },
+        )
         .await;
         (r, calls.get(), start.elapsed())
     }
@@ -237,10 +364,16 @@ mod tests {
     async fn a_hanging_idp_fails_within_the_budget() {
         let start = Instant::now();
         let policy = RetryPolicy::default();
-        let r = with_retries(&policy, "c", &scopes(), || async {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            Ok(issued())
-        })
+        let r = with_retries(
+            &policy,
+            "c",
+            &scopes(),
+            || true,
+            || async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(issued())
+            },
+        )
         .await;
         assert!(matches!(r, Err(UpstreamError::Timeout(_))));
         assert_eq!(start.elapsed(), policy.budget);
@@ -252,5 +385,40 @@ mod tests {
         let (r, calls, _) = scripted((0..10).map(|_| refused()).collect()).await;
         assert!(matches!(r, Err(UpstreamError::Network(_))));
         assert_eq!(calls, 4);
+    }
+
+    #[test]
+    fn the_budget_earns_a_fraction_of_first_attempts_and_starts_with_two_retries() {
+        let b = RetryBudget::new(0.1);
+        assert!(b.try_retry() && b.try_retry());
+        assert!(!b.try_retry(), "spent");
+        for _ in 0..9 {
+            b.first_attempt();
+        }
+        assert!(!b.try_retry(), "0.9 of a retry");
+        b.first_attempt();
+        assert!(b.try_retry(), "ten first attempts earn one retry");
+        for _ in 0..100 {
+            b.first_attempt();
+        }
+        assert!((b.tokens() - RETRY_BURST).abs() < 1e-9, "capped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_stops_retries() {
+        let calls = Cell::new(0);
+        let r = with_retries(
+            &RetryPolicy::default(),
+            "c",
+            &scopes(),
+            || false,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err(server(503)) }
+            },
+        )
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls.get(), 1);
     }
 }

@@ -176,6 +176,14 @@ impl UpstreamError {
             || matches!(self, Self::Rejected { code: Some(c), .. } if c == "invalid_client" || c == "unauthorized_client")
     }
 
+    /// The IdP's `Retry-After`, if it gave one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Server { retry_after, .. } | Self::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts).
     pub fn is_transient(&self) -> bool {
         matches!(
