@@ -277,7 +277,10 @@ async fn renewals_their_failures_and_stale_serves_are_counted() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(sample(&text, "credbroker_renewals_total"), 1.0, "{text}");
+    // A renewal is one attempt; the next try waits for its backoff (this token is close enough to expiry
+    // to try without a retry from the budget), so by now there may have been one more.
+    let renewals = sample(&text, "credbroker_renewals_total");
+    assert!((1.0..=3.0).contains(&renewals), "{text}");
     assert_eq!(
         sample(&text, "credbroker_stale_serves_total"),
         0.0,
@@ -302,7 +305,7 @@ async fn renewals_their_failures_and_stale_serves_are_counted() {
         sample(
             &text,
             "credbroker_idp_requests_total{client=\"idp\",outcome=\"5xx\"}"
-        ) >= 2.0,
-        "the renewal and its retries: {text}"
+        ) >= 1.0,
+        "the renewal's attempt: {text}"
     );
 }
