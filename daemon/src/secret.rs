@@ -62,6 +62,9 @@ pub struct SecretEnv<'a> {
     pub credentials_dir: Option<PathBuf>,
     /// Looks up an environment variable.
     pub var: &'a dyn Fn(&str) -> Option<String>,
+    /// When set, every source is read through this instead, and no file, directory or variable is touched:
+    /// the seam through which the config fuzz target validates configs without reading secrets from disk.
+    pub offline: Option<&'a dyn Fn(&SecretSource) -> Option<String>>,
 }
 
 impl SecretEnv<'_> {
@@ -70,6 +73,7 @@ impl SecretEnv<'_> {
         SecretEnv {
             credentials_dir: None,
             var: &|_| None,
+            offline: None,
         }
     }
 
@@ -78,6 +82,7 @@ impl SecretEnv<'_> {
         SecretEnv {
             credentials_dir: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
             var: &|name| std::env::var(name).ok(),
+            offline: None,
         }
     }
 }
@@ -210,22 +215,28 @@ impl Secret {
         env: &SecretEnv<'_>,
     ) -> Result<(Self, Option<Stamp>), SecretError> {
         let mut stamp = None;
-        let raw: Zeroizing<String> = match &source {
-            SecretSource::File(path) => {
-                let (raw, s) = read_file(path, kind)?;
-                stamp = Some(s);
-                raw
-            }
-            SecretSource::Credential(name) => {
-                let dir = env
-                    .credentials_dir
-                    .as_ref()
-                    .ok_or_else(|| SecretError::NoCredentialsDirectory(name.clone()))?;
-                read_file(&credential_path(dir, name), FileKind::Secret)?.0
-            }
-            SecretSource::Env(var) => {
-                Zeroizing::new((env.var)(var).ok_or_else(|| SecretError::EnvUnset(var.clone()))?)
-            }
+        let raw: Zeroizing<String> = match (&source, env.offline) {
+            (_, Some(read)) => Zeroizing::new(read(&source).ok_or_else(|| SecretError::Read {
+                path: PathBuf::from(source.to_string()),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })?),
+            (source, None) => match source {
+                SecretSource::File(path) => {
+                    let (raw, s) = read_file(path, kind)?;
+                    stamp = Some(s);
+                    raw
+                }
+                SecretSource::Credential(name) => {
+                    let dir = env
+                        .credentials_dir
+                        .as_ref()
+                        .ok_or_else(|| SecretError::NoCredentialsDirectory(name.clone()))?;
+                    read_file(&credential_path(dir, name), FileKind::Secret)?.0
+                }
+                SecretSource::Env(var) => Zeroizing::new(
+                    (env.var)(var).ok_or_else(|| SecretError::EnvUnset(var.clone()))?,
+                ),
+            },
         };
         let trimmed = raw.trim_end_matches(['\n', '\r']);
         if trimmed.is_empty() {
@@ -422,6 +433,10 @@ impl<T> Rotating<T> {
         let SecretSource::File(path) = &self.source else {
             return Ok(self.lock().1.clone());
         };
+        if self.lock().0.is_none() {
+            // Read through `SecretEnv::offline`: there is no file to look at.
+            return Ok(self.lock().1.clone());
+        }
         let now = Stamp::now(path, self.kind)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut current = self.lock();
@@ -449,6 +464,7 @@ mod tests {
         SecretEnv {
             credentials_dir: None,
             var: &|_| None,
+            offline: None,
         }
     }
 
@@ -533,6 +549,7 @@ mod tests {
         let env = SecretEnv {
             credentials_dir: Some(dir.path().to_owned()),
             var: &|_| None,
+            offline: None,
         };
         write(dir.path(), "credbroker_plain", "p", 0o400);
         write(dir.path(), "credbroker-encrypted_sealed", "e", 0o400);
@@ -560,6 +577,7 @@ mod tests {
         let env = SecretEnv {
             credentials_dir: Some(dir.path().to_owned()),
             var: &|v| (v == "IDP_SECRET").then(|| "env-secret".to_owned()),
+            offline: None,
         };
         let s = Secret::load(SecretSource::Credential("idp".into()), &env).unwrap();
         assert_eq!(s.expose(), "cred-secret");

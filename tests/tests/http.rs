@@ -259,3 +259,28 @@ async fn request_heads_and_keep_alive_are_bounded_and_the_largest_valid_request_
     let (status, _) = curl(&d, Some(NOBODY), true, &[WHOAMI]).await;
     assert_eq!(status, 200);
 }
+
+/// Found while fuzzing the socket: a client that sends its request and shuts its writing side down (as
+/// `nc -N` and some proxies do) got no answer at all.
+#[tokio::test]
+async fn a_request_from_a_client_that_half_closes_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    let mut stream = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    stream
+        .write_all(b"GET /v1/token?scope=scim:read HTTP/1.1\r\nHost: x\r\nCredbroker-Request: true\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .expect("an answer within 10 s")
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(answer.contains("\"access_token\""), "{answer}");
+}

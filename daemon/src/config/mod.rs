@@ -1370,6 +1370,7 @@ mod tests {
                 &SecretEnv {
                     credentials_dir: None,
                     var: &|_| None,
+                    offline: None,
                 },
             )
         }

@@ -559,6 +559,8 @@ async fn serve_http1(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
         .max_buf_size(crate::serve::http::MAX_HEAD)
+        // A client may send its request and shut its side down (`nc -N`, some proxies): it still gets its answer.
+        .half_close(true)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(connection);
     let stopped = async move {

@@ -367,36 +367,7 @@ impl Upstream {
                 s => return Err(UpstreamError::Discovery(format!("{url} answered HTTP {s}"))),
             }
             let body = read_capped(response, timeout).await?;
-            #[derive(Deserialize)]
-            struct Metadata {
-                issuer: Option<String>,
-                token_endpoint: Option<String>,
-            }
-            let doc: Metadata = serde_json::from_slice(&body).map_err(|_| {
-                UpstreamError::Discovery(format!("{url} is not a JSON metadata document"))
-            })?;
-            // What the document says goes to the log only; callers get our own words.
-            let found = doc.issuer.unwrap_or_default();
-            if found.trim_end_matches('/') != id.trim_end_matches('/') {
-                tracing::warn!(
-                    metadata = %url,
-                    issuer = ?found.chars().take(200).collect::<String>(),
-                    configured = %id,
-                    "discovery: the metadata names another issuer"
-                );
-                return Err(UpstreamError::Discovery(format!(
-                    "{url} names another issuer than the configured {id:?} (details in the daemon log)"
-                )));
-            }
-            let endpoint = doc
-                .token_endpoint
-                .ok_or_else(|| UpstreamError::Discovery(format!("{url} has no token_endpoint")))?;
-            return endpoint_url(&endpoint, allow_http).map_err(|e| {
-                tracing::warn!(metadata = %url, "discovery: unusable token_endpoint: {e}");
-                UpstreamError::Discovery(format!(
-                    "the token_endpoint in {url} is not usable (not https?); details in the daemon log"
-                ))
-            });
+            return discovery_document(&body, url, id, allow_http);
         }
         Err(UpstreamError::Discovery(format!(
             "no metadata at {} or {} (HTTP 404)",
@@ -510,43 +481,82 @@ impl Upstream {
             .await
             .map_err(|e| transport_error(&e, client.timeout))?;
         let received_at = Instant::now();
-        let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let content_type = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let status = response.status().as_u16();
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (retry_after, content_type) = (header(RETRY_AFTER), header(CONTENT_TYPE));
         let body = read_capped(response, client.timeout).await?;
+        let answer = Answer {
+            status,
+            retry_after: retry_after.as_deref(),
+            content_type: content_type.as_deref().unwrap_or(""),
+            body: &body,
+        };
+        let mut issued =
+            answer.interpret(client, scopes, received_at, SystemTime::now(), &sensitive)?;
+        issued.credential = Some(
+            match credential {
+                Credential::Secret(s) => s.source().to_string(),
+                Credential::Key(k, _) => k.source().to_string(),
+                Credential::Assertion(a) => a.source().to_string(),
+            }
+            .into(),
+        );
+        Ok(issued)
+    }
+}
 
-        if status.is_success() {
-            let mut issued = parse_token(&body, &content_type, client, scopes, received_at)?;
-            issued.credential = Some(
-                match credential {
-                    Credential::Secret(s) => s.source().to_string(),
-                    Credential::Key(k, _) => k.source().to_string(),
-                    Credential::Assertion(a) => a.source().to_string(),
-                }
-                .into(),
-            );
-            return Ok(issued);
-        }
-        match status.as_u16() {
+/// An IdP's answer to a token request, as received.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer<'a> {
+    /// The HTTP status.
+    pub status: u16,
+    /// `Retry-After`, as sent.
+    pub retry_after: Option<&'a str>,
+    /// `Content-Type`, as sent.
+    pub content_type: &'a str,
+    /// The body (at most [`MAX_RESPONSE_LEN`] bytes).
+    pub body: &'a [u8],
+}
+
+impl Answer<'_> {
+    /// What the answer means: a token for `scopes` (received at `received_at`), or why not. The error's text
+    /// holds nothing of `sensitive` (the credentials the request carried), in case the IdP echoed them.
+    ///
+    /// # Errors
+    /// [`UpstreamError`] for every answer that is not a valid token response.
+    pub fn interpret(
+        &self,
+        client: &ClientConfig,
+        scopes: &ScopeSet,
+        received_at: Instant,
+        now: SystemTime,
+        sensitive: &[Zeroizing<String>],
+    ) -> Result<Issued, UpstreamError> {
+        let retry_after = self.retry_after.and_then(|v| parse_retry_after(v, now));
+        match self.status {
+            200..=299 => parse_token(
+                self.body,
+                self.content_type,
+                client,
+                scopes,
+                received_at,
+                sensitive,
+            ),
             429 => Err(UpstreamError::RateLimited { retry_after }),
             s @ 500..=599 => Err(UpstreamError::Server {
                 status: s,
                 retry_after,
             }),
             s @ 400..=499 => {
-                // Scrub first, then clean and cut: a cut or cleaned secret would no longer be found.
-                let (code, description) = parse_error(&body);
-                let code = code.and_then(|c| sanitize(&scrub(&c, &sensitive), 64));
-                let description = description.and_then(|d| sanitize(&scrub(&d, &sensitive), 256));
+                let (code, description) = parse_error(self.body);
+                let code = code.and_then(|c| clean(&c, sensitive, 64));
+                let description = description.and_then(|d| clean(&d, sensitive, 256));
                 Err(UpstreamError::Rejected {
                     status: s,
                     code,
@@ -558,6 +568,47 @@ impl Upstream {
             ))),
         }
     }
+}
+
+/// The token endpoint a discovery document at `url` names, if it is the document of issuer `issuer_id`
+/// and the endpoint is usable (`https`, or `http` with `allow_http`).
+///
+/// # Errors
+/// [`UpstreamError::Discovery`], in the daemon's own words (what the document says goes to the log only).
+pub fn discovery_document(
+    body: &[u8],
+    url: &str,
+    issuer_id: &str,
+    allow_http: bool,
+) -> Result<Url, UpstreamError> {
+    #[derive(Deserialize)]
+    struct Metadata {
+        issuer: Option<String>,
+        token_endpoint: Option<String>,
+    }
+    let doc: Metadata = serde_json::from_slice(body)
+        .map_err(|_| UpstreamError::Discovery(format!("{url} is not a JSON metadata document")))?;
+    let found = doc.issuer.unwrap_or_default();
+    if found.trim_end_matches('/') != issuer_id.trim_end_matches('/') {
+        tracing::warn!(
+            metadata = %url,
+            issuer = ?found.chars().take(200).collect::<String>(),
+            configured = %issuer_id,
+            "discovery: the metadata names another issuer"
+        );
+        return Err(UpstreamError::Discovery(format!(
+            "{url} names another issuer than the configured {issuer_id:?} (details in the daemon log)"
+        )));
+    }
+    let endpoint = doc
+        .token_endpoint
+        .ok_or_else(|| UpstreamError::Discovery(format!("{url} has no token_endpoint")))?;
+    endpoint_url(&endpoint, allow_http).map_err(|e| {
+        tracing::warn!(metadata = %url, "discovery: unusable token_endpoint: {e}");
+        UpstreamError::Discovery(format!(
+            "the token_endpoint in {url} is not usable (not https?); details in the daemon log"
+        ))
+    })
 }
 
 /// The form body: the grant, the scope, the client's extra parameters, and the credentials that go in the
@@ -709,12 +760,16 @@ struct RawToken {
     scope: Option<String>,
 }
 
+/// Extra granted scopes named in a [`UpstreamError::ScopeTooWide`].
+const MAX_EXTRA_SHOWN: usize = 8;
+
 fn parse_token(
     body: &[u8],
     content_type: &str,
     client: &ClientConfig,
     requested: &ScopeSet,
     received_at: Instant,
+    sensitive: &[Zeroizing<String>],
 ) -> Result<Issued, UpstreamError> {
     let raw: RawToken = serde_json::from_slice(body).map_err(|e| {
         // serde_json's message may quote a value: report where it broke, not what was there.
@@ -728,7 +783,10 @@ fn parse_token(
                 e.column()
             )
         };
-        UpstreamError::InvalidResponse(format!("{what} (content-type {content_type:?})"))
+        UpstreamError::InvalidResponse(format!(
+            "{what} (content-type {})",
+            media_type(content_type)
+        ))
     })?;
     let access_token = raw
         .access_token
@@ -770,6 +828,18 @@ fn parse_token(
     };
     let extra: Vec<String> = granted.difference(requested).map(str::to_owned).collect();
     if !extra.is_empty() {
+        // The IdP's words reach the caller: at most a few, short, and never a credential the request carried.
+        let shown = extra.len().min(MAX_EXTRA_SHOWN);
+        let mut extra: Vec<String> = extra[..shown]
+            .iter()
+            .map(|s| crate::text::cut(&scrub(s, sensitive), 64))
+            .collect();
+        if granted.difference(requested).count() > shown {
+            extra.push(format!(
+                "and {} more",
+                granted.difference(requested).count() - shown
+            ));
+        }
         return Err(UpstreamError::ScopeTooWide { extra });
     }
     Ok(Issued {
@@ -829,6 +899,41 @@ fn parse_error(body: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 /// Keeps printable ASCII (collapsing whitespace), at most `max` characters; `None` when nothing is left.
+/// A `Content-Type` as shown in a message: one of the media types IdPs and the proxies before them send,
+/// else `another type`. Never the header as sent: it reaches callers' error messages, so it must not be able
+/// to carry anything else there (an echoed secret, say, or kilobytes of text).
+fn media_type(content_type: &str) -> &'static str {
+    const KNOWN: [&str; 8] = [
+        "application/json",
+        "application/problem+json",
+        "application/jwt",
+        "application/x-www-form-urlencoded",
+        "application/xml",
+        "text/html",
+        "text/plain",
+        "text/xml",
+    ];
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media.is_empty() {
+        return "none";
+    }
+    KNOWN
+        .into_iter()
+        .find(|k| k.eq_ignore_ascii_case(media))
+        .unwrap_or("another type")
+}
+
+/// What an IdP said, fit for a log line: every credential the request carried replaced, printable ASCII
+/// only, at most `max` characters. Scrubbed before cleaning (cleaning would mangle a secret with spaces or
+/// non-ASCII characters, so it would no longer be found) and after (cleaning drops characters, which can join
+/// the pieces of a secret the IdP split with them), then cut.
+fn clean(s: &str, sensitive: &[Zeroizing<String>], max: usize) -> Option<String> {
+    let cleaned = sanitize(&scrub(s, sensitive), usize::MAX)?;
+    let cleaned = scrub(&cleaned, sensitive);
+    let cut: String = cleaned.chars().take(max).collect();
+    (!cut.is_empty()).then_some(cut)
+}
+
 fn sanitize(s: &str, max: usize) -> Option<String> {
     let cleaned: String = s
         .split_whitespace()
@@ -909,7 +1014,7 @@ mod tests {
     fn secrets_are_scrubbed_before_descriptions_are_cleaned_and_cut() {
         let secret = "p@ss  wörd";
         let sensitive = [Zeroizing::new(secret.to_owned()), form_encode(secret)];
-        let clean = |text: &str| sanitize(&scrub(text, &sensitive), 256).unwrap();
+        let clean = |text: &str| clean(text, &sensitive, 256).unwrap();
         assert_eq!(clean("bad secret 'p@ss  wörd'"), "bad secret '[redacted]'");
         assert_eq!(clean("got p%40ss++w%C3%B6rd"), "got [redacted]");
         // Past the 256 characters kept, and with whitespace and non-ASCII the cleaning would mangle.
@@ -925,6 +1030,131 @@ mod tests {
             )
             .contains(sensitive[0].as_str())
         );
+    }
+
+    fn test_client() -> ClientConfig {
+        let offline = |_: &crate::secret::SecretSource| Some("s".to_owned());
+        let env = crate::secret::SecretEnv {
+            credentials_dir: None,
+            var: &|_| None,
+            offline: Some(&offline),
+        };
+        let secret = crate::secret::Rotating::load(
+            crate::secret::SecretSource::Env("S".into()),
+            crate::secret::FileKind::Secret,
+            &env,
+            Ok,
+        )
+        .unwrap();
+        ClientConfig {
+            name: "idp".into(),
+            token_url: Some("https://idp.example/token".parse().unwrap()),
+            issuer: None,
+            allow_http: false,
+            client_id: "broker".into(),
+            auth: ClientAuth::Basic {
+                secrets: crate::tokens::client::Secrets::new(vec![secret]),
+                encoding: BasicEncoding::Form,
+            },
+            extra_params: Vec::new(),
+            default_ttl: Duration::from_secs(300),
+            timeout: Duration::from_secs(10),
+            tls_roots: None,
+        }
+    }
+
+    /// Found by the `idp_response` fuzz target: the extra scopes of a too-wide grant reach the caller, so they
+    /// are few, short, and never the credential the request carried.
+    #[test]
+    fn extra_granted_scopes_are_bounded_and_scrubbed() {
+        let client = test_client();
+        let scopes = ScopeSet::parse(&["a"]).unwrap();
+        let secret = "s3cr3t-the-idp-must-not-echo";
+        let granted: Vec<String> = std::iter::once(secret.to_owned())
+            .chain((0..50).map(|i| format!("x{i}{}", "y".repeat(200))))
+            .collect();
+        let body = serde_json::json!({
+            "access_token": "t", "token_type": "Bearer", "expires_in": 60, "scope": format!("a {}", granted.join(" ")),
+        })
+        .to_string();
+        let e = Answer {
+            status: 200,
+            retry_after: None,
+            content_type: "application/json",
+            body: body.as_bytes(),
+        }
+        .interpret(
+            &client,
+            &scopes,
+            Instant::now(),
+            SystemTime::now(),
+            &[Zeroizing::new(secret.to_owned())],
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, UpstreamError::ScopeTooWide { .. }));
+        assert!(
+            !text.contains(secret) && text.contains("and 43 more"),
+            "{text}"
+        );
+        assert!(text.len() < 1024, "{} bytes", text.len());
+    }
+
+    /// Found by the `idp_response` fuzz target: a 200 answer that is not JSON quoted its `Content-Type` whole in
+    /// the caller's error; a secret echoed there reached the caller.
+    #[test]
+    fn an_odd_content_type_is_not_quoted_to_callers() {
+        let client = test_client();
+        let scopes = ScopeSet::parse(&["a"]).unwrap();
+        let interpret = |content_type: &str| {
+            Answer {
+                status: 200,
+                retry_after: None,
+                content_type,
+                body: b"oops",
+            }
+            .interpret(&client, &scopes, Instant::now(), SystemTime::now(), &[])
+            .unwrap_err()
+            .to_string()
+        };
+        let e = interpret("application/x s3cr3t-the-idp-must-not-echo");
+        assert!(
+            !e.contains("s3cr3t") && e.contains("content-type another type"),
+            "{e}"
+        );
+        let e = interpret("s3cr3t-the-idp-must-not-echo/json");
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(interpret("text/plain; charset=utf-8").contains("content-type text/plain"));
+        assert!(interpret(&"a/b".repeat(1000)).len() < 200);
+    }
+
+    /// Found by the `idp_response` fuzz target: an IdP that echoes the secret split by bytes the cleaning
+    /// drops (invalid UTF-8 here) must not get it into the log once they are dropped.
+    #[test]
+    fn a_secret_joined_by_cleaning_is_scrubbed_too() {
+        let secret = "s3cr3t-the-idp-must-not-echo";
+        let sensitive = [Zeroizing::new(secret.to_owned())];
+        let body = b"{\"e\xabrror\": \"Client authentication failed for s3cr3t-the-idp-must-\xff\xff\xffnot-echo\"}";
+        let answer = Answer {
+            status: 401,
+            retry_after: None,
+            content_type: "application/json",
+            body,
+        };
+        let client = test_client();
+        let scopes = ScopeSet::parse(&["a"]).unwrap();
+        let e = answer
+            .interpret(
+                &client,
+                &scopes,
+                Instant::now(),
+                SystemTime::now(),
+                &sensitive,
+            )
+            .unwrap_err();
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
     }
 
     #[test]

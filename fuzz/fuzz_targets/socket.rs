@@ -1,0 +1,142 @@
+//! Raw connection bytes through the daemon's real stack: `credbroker_daemon::run` on a Unix socket (the
+//! handshake, protocol detection, HTTP/1.1 through hyper and the HTTP API, HTTP/2 through the vendored h2,
+//! tonic, the authority handling and the gRPC service), with a stand-in token endpoint on 127.0.0.1 that the
+//! daemon fetched one token from before fuzzing starts. Each input is one connection: written, half-closed,
+//! its answer read (bounded in size and time).
+//!
+//! Property: an HTTP/1.1 request without the guard header (`Credbroker-Request: true`) is never answered
+//! with the token.
+#![no_main]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use credbroker_daemon::config::Config;
+use credbroker_daemon::secret::SecretEnv;
+use credbroker_daemon::serve::notify::Notifier;
+use credbroker_daemon::{Options, Signal};
+use libfuzzer_sys::fuzz_target;
+
+const TOKEN: &str = "fuzz-access-token-7c1d9e";
+
+/// The socket of a daemon serving for the whole run.
+fn daemon() -> &'static PathBuf {
+    static SOCKET: OnceLock<PathBuf> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("credbroker-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("credbroker.sock");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = socket.clone();
+        std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let idp = idp().await;
+                let uid = credbroker_daemon::sys::euid();
+                let config = format!(
+                    "version = 1\n[daemon]\nsocket = \"{}\"\n[clients.idp]\ntoken_url = \"http://{idp}/token\"\n\
+                     allow_http = true\nclient_id = \"broker\"\nclient_secret = {{ env = \"S\" }}\n\
+                     [[policy]]\nname = \"me\"\nmatch = {{ uid = {uid} }}\nclient = \"idp\"\nscopes = [\"*\"]\n",
+                    path.display()
+                );
+                let env = SecretEnv {
+                    credentials_dir: None,
+                    var: &|_| Some("secret".to_owned()),
+                    offline: None,
+                };
+                let config = Config::parse(&config, &env).unwrap();
+                let listener = tokio::net::UnixListener::bind(&path).unwrap();
+                let options = Options {
+                    reload_config: std::sync::Arc::new(|| Err(credbroker_daemon::config::ConfigErrors {
+                        path: None,
+                        errors: Vec::new(),
+                    })),
+                    notifier: Notifier::new(None),
+                    watchdog: None,
+                    grace: Duration::from_secs(1),
+                    nofile: 1024,
+                };
+                tx.send(()).unwrap();
+                let signals = tokio_stream::pending::<Signal>();
+                if let Err(e) = credbroker_daemon::run(config, listener, signals, options).await {
+                    eprintln!("the daemon stopped: {e:#}");
+                    std::process::exit(1);
+                }
+            });
+        });
+        rx.recv().unwrap();
+        // One token fetched and cached: what a request without the guard must never get.
+        let answer = exchange(
+            &socket,
+            b"GET /v1/token?scope=fuzz:read HTTP/1.1\r\nHost: x\r\nCredbroker-Request: true\r\nConnection: close\r\n\r\n",
+        );
+        eprintln!("socket target: warm-up answer: {}", String::from_utf8_lossy(&answer));
+        assert!(String::from_utf8_lossy(&answer).contains(TOKEN), "no token to protect: {answer:?}");
+        socket
+    })
+}
+
+/// A token endpoint that always issues the same token.
+async fn idp() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    let body = format!(
+                        "{{\"access_token\":\"{TOKEN}\",\"token_type\":\"Bearer\",\"expires_in\":36000}}"
+                    );
+                    let mut r =
+                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                    r.headers_mut()
+                        .insert("content-type", "application/json".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Writes `input` on a new connection, half-closes it, and reads the answer (at most 64 KiB, 2 s).
+fn exchange(socket: &PathBuf, input: &[u8]) -> Vec<u8> {
+    let Ok(mut s) = UnixStream::connect(socket) else {
+        return Vec::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(input);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = s.take(64 * 1024).read_to_end(&mut answer);
+    answer
+}
+
+fuzz_target!(|data: &[u8]| {
+    let socket = daemon();
+    let answer = exchange(socket, data);
+    let is_h2 = data.starts_with(b"PRI * HTTP/2.0");
+    let guarded = data
+        .windows(b"credbroker-request".len())
+        .any(|w| w.eq_ignore_ascii_case(b"credbroker-request"));
+    if !is_h2 && !guarded {
+        assert!(
+            !answer.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+            "a request without the guard header got the token"
+        );
+    }
+});
