@@ -64,8 +64,11 @@ pub struct SecretEnv<'a> {
     pub var: &'a dyn Fn(&str) -> Option<String>,
     /// When set, every source is read through this instead, and no file, directory or variable is touched:
     /// the seam through which the config fuzz target validates configs without reading secrets from disk.
-    pub offline: Option<&'a dyn Fn(&SecretSource) -> Option<String>>,
+    pub offline: Option<ReadSource<'a>>,
 }
+
+/// Reads a credential source without the file system or the environment (`SecretEnv::offline`).
+pub type ReadSource<'a> = &'a dyn Fn(&SecretSource) -> Option<String>;
 
 impl SecretEnv<'_> {
     /// No credentials directory and no variables: for reading files.
