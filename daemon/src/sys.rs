@@ -270,8 +270,8 @@ pub fn take_listen_fd(
     Ok(Some(listener))
 }
 
-/// The name of user `uid`, from NSS; `None` when it has none.
-pub fn user_name(uid: u32) -> Option<String> {
+/// User `uid`'s entry from NSS: its name (if it has one) and primary gid; `None` when there is no such user.
+fn user_entry(uid: u32) -> Option<(Option<String>, u32)> {
     with_buffer(|buf| {
         // SAFETY: all-zero bytes are a valid `passwd` (null pointers, zero ids); getpwuid_r overwrites it.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
@@ -282,32 +282,27 @@ pub fn user_name(uid: u32) -> Option<String> {
         if rc != 0 {
             return Err(rc);
         }
-        if result.is_null() || pwd.pw_name.is_null() {
+        if result.is_null() {
             return Ok(None);
         }
-        // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
-        Ok(Some(
+        // SAFETY: on success a non-null pw_name points to a NUL-terminated string inside `buf`.
+        let name = (!pwd.pw_name.is_null()).then(|| {
             unsafe { CStr::from_ptr(pwd.pw_name) }
                 .to_string_lossy()
-                .into_owned(),
-        ))
+                .into_owned()
+        });
+        Ok(Some((name, pwd.pw_gid)))
     })
+}
+
+/// The name of user `uid`, from NSS; `None` when it has none.
+pub fn user_name(uid: u32) -> Option<String> {
+    user_entry(uid)?.0
 }
 
 /// The primary gid of user `uid`, from NSS; `None` when there is no such user.
 pub fn user_gid(uid: u32) -> Option<u32> {
-    with_buffer(|buf| {
-        // SAFETY: all-zero bytes are a valid `passwd`; getpwuid_r overwrites it.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer refers to memory we own for the duration of the call.
-        let rc =
-            unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
-        if rc != 0 {
-            return Err(rc);
-        }
-        Ok((!result.is_null()).then_some(pwd.pw_gid))
-    })
+    user_entry(uid).map(|(_, gid)| gid)
 }
 
 /// The groups of user `name` as a login would get them (`getgrouplist`): `gid` first, then the supplementary

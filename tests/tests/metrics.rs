@@ -17,6 +17,16 @@ fn metrics_addr(log: &str) -> String {
         .to_owned()
 }
 
+/// A daemon on the base config with metrics on a free loopback port, and that port's address.
+async fn with_metrics(s: &Setup) -> (Daemon, String) {
+    let config = s
+        .config()
+        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
+    let d = Daemon::start(&s.dir, &config).await;
+    let addr = metrics_addr(&d.log());
+    (d, addr)
+}
+
 /// One HTTP/1.1 request; the whole answer (the endpoint closes the connection after it).
 async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     let exchange = async {
@@ -78,11 +88,7 @@ fn promtool(text: &str) {
 #[tokio::test]
 async fn metrics_pass_promtool_and_follow_the_calls() {
     let s = Setup::new().await;
-    let config = s
-        .config()
-        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
-    let d = Daemon::start(&s.dir, &config).await;
-    let addr = metrics_addr(&d.log());
+    let (d, addr) = with_metrics(&s).await;
 
     let before = scrape(&addr).await;
     promtool(&before);
@@ -176,11 +182,7 @@ async fn metrics_pass_promtool_and_follow_the_calls() {
 #[tokio::test]
 async fn the_metrics_listener_has_its_own_connection_cap() {
     let s = Setup::new().await;
-    let config = s
-        .config()
-        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
-    let d = Daemon::start(&s.dir, &config).await;
-    let addr = metrics_addr(&d.log());
+    let (d, addr) = with_metrics(&s).await;
     // 8 connections that send nothing hold every slot: a 9th is closed unanswered.
     let mut idle = Vec::new();
     for _ in 0..8 {
@@ -252,11 +254,7 @@ fn the_readme_alert_rules_pass_promtool() {
 async fn renewals_their_failures_and_stale_serves_are_counted() {
     let s = Setup::new().await;
     s.idp.set_expires_in(10);
-    let config = s
-        .config()
-        .replace("[daemon]\n", "[daemon]\nmetrics = \"127.0.0.1:0\"\n");
-    let d = Daemon::start(&s.dir, &config).await;
-    let addr = metrics_addr(&d.log());
+    let (d, addr) = with_metrics(&s).await;
     let mut c = d.client().await;
     let first = token_text(&mut c, &["scim:read"]).await;
     // In use: asked for again after it arrived, so it is renewed ahead of expiry.
