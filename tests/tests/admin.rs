@@ -338,3 +338,57 @@ scopes = ["scim:write"]
         .await;
     assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
 }
+
+/// A daemon without `CAP_SYS_PTRACE` (here running as uid 65534) cannot read the executable of another
+/// user's process: explain says so, and `exe` policies do not match it, as on a real call.
+#[tokio::test]
+async fn explain_says_when_the_daemon_cannot_read_a_process_executable() {
+    let s = Setup::new().await;
+    let home = s.dir.path().join("run");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+    let secret = s.dir.path().join("idp.secret");
+    std::os::unix::fs::chown(&secret, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+    let config = s
+        .config_with(
+            "",
+            "\n[[policy]]\nname = \"sleep-only\"\nmatch = { uid = 0, exe = \"/usr/bin/sleep\" }\n\
+             client = \"idp\"\nscopes = [\"sleep:only\"]\n",
+        )
+        .replace(
+            &format!("socket = \"{}\"", s.socket().display()),
+            &format!(
+                "socket = \"{}/credbroker.sock\"\nadmins = [\"nobody\"]",
+                home.display()
+            ),
+        );
+    let opts = credbroker_tests::DaemonOptions {
+        run_as: Some(NOBODY),
+        ..credbroker_tests::DaemonOptions::default()
+    };
+    let d = Daemon::start_with(&s.dir, &config, opts).await;
+    // A process of root's, running sleep.
+    let mut sleeper = tokio::process::Command::new("sleep")
+        .arg("60")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id().unwrap().to_string();
+    let out = d
+        .cli(Some(NOBODY), &["explain", "--pid", &pid, "sleep:only"])
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("cannot read the executable of pid {pid}")),
+        "{text}"
+    );
+    assert!(text.contains("sleep-only: match.exe"), "{text}");
+    sleeper.kill().await.unwrap();
+}
