@@ -133,7 +133,9 @@ fuzz_target!(|data: &[u8]| {
     let guarded = data
         .windows(b"credbroker-request".len())
         .any(|w| w.eq_ignore_ascii_case(b"credbroker-request"));
-    if !is_h2 && !guarded {
+    // An input that holds the token itself may see it echoed (a 404 names the path it did not find).
+    let holds_token = data.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes());
+    if !is_h2 && !guarded && !holds_token {
         assert!(
             !answer.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
             "a request without the guard header got the token"
