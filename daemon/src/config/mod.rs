@@ -453,6 +453,21 @@ impl<'t> Walk<'t> {
         Some(v)
     }
 
+    /// A boolean key: `default` when absent; an error (and `default`) when not a boolean.
+    fn flag(&mut self, errs: &mut Errors, key: &'t str, default: bool) -> bool {
+        match self.get(key) {
+            None => default,
+            Some(Value::Boolean(b)) => *b,
+            Some(other) => {
+                errs.push(
+                    self.key(key),
+                    format!("expected true or false, found {}", type_name(other)),
+                );
+                default
+            }
+        }
+    }
+
     /// A key that must be present: reports `message` at its path when it is not.
     fn required(&mut self, errs: &mut Errors, key: &'t str, message: &str) -> Option<&'t Value> {
         let v = self.get(key);
@@ -724,14 +739,7 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
             ),
         }
     }
-    let allow_remote = match t.get("allow_remote_metrics") {
-        None => false,
-        Some(Value::Boolean(b)) => *b,
-        Some(_) => {
-            errs.push(t.key("allow_remote_metrics"), "expected true or false");
-            false
-        }
-    };
+    let allow_remote = t.flag(errs, "allow_remote_metrics", false);
     if let Some(v) = t.get("metrics") {
         let key = t.key("metrics");
         if let Some(s) = string(errs, &key, v) {
@@ -774,17 +782,7 @@ fn client_config(
     let before = errs.0.len();
     let mut t = Walk::new(prefix, table);
 
-    let allow_http = match t.get("allow_http") {
-        None => false,
-        Some(Value::Boolean(b)) => *b,
-        Some(other) => {
-            errs.push(
-                t.key("allow_http"),
-                format!("expected true or false, found {}", type_name(other)),
-            );
-            false
-        }
-    };
+    let allow_http = t.flag(errs, "allow_http", false);
     let url_key = |errs: &mut Errors, key: &'static str, t: &mut Walk<'_>| {
         let v = t.get(key)?;
         string(errs, &t.key(key), v).and_then(|s| {
@@ -927,14 +925,7 @@ fn client_config(
     let timeout = t.get("timeout").map_or(Some(Duration::from_secs(10)), |v| {
         duration(errs, &t.key("timeout"), v)
     });
-    let system_roots = match t.get("system_roots") {
-        None => true,
-        Some(Value::Boolean(b)) => *b,
-        Some(_) => {
-            errs.push(t.key("system_roots"), "expected true or false");
-            true
-        }
-    };
+    let system_roots = t.flag(errs, "system_roots", true);
     let tls_roots = match t.get("ca_certificates") {
         Some(v) => credential(
             errs,
@@ -1045,14 +1036,7 @@ fn private_key_auth(
             None
         }
     };
-    let certificate_sha1 = match t.get("certificate_sha1") {
-        None => false,
-        Some(Value::Boolean(b)) => *b,
-        Some(_) => {
-            errs.push(t.key("certificate_sha1"), "expected true or false");
-            false
-        }
-    };
+    let certificate_sha1 = t.flag(errs, "certificate_sha1", false);
     if certificate_sha1 && !t.used.contains("certificate") {
         errs.push(t.key("certificate_sha1"), "needs a certificate");
     }
