@@ -87,8 +87,10 @@ With no command, \fBcredbrokerd\fR runs: it serves the socket systemd passes (\f
 \fBdaemon.socket\fR, notifies systemd when ready, and runs until SIGTERM.
 .TP
 .B credbrokerd check\-config \fR[\fB\-\-config\fR \fIPATH\fR]
-Validate the config, secrets included, and print a summary without secrets; warn about policies that name
-users or groups that do not exist. Exit 0, or 64 with every problem listed by key path.
+Validate the config, secrets included, and print a summary without secrets: the effective configuration as
+TOML, every key with the value in use (defaults included) and each secret shown by its source, itself a valid
+config. Warn about policies that name users or groups that do not exist. Exit 0, or 64 with every problem
+listed by key path.
 .TP
 .B credbrokerd man \fIcredbrokerd\fR|\fIcredbroker.toml\fR
 Print this page, or credbroker.toml(5), in roff.
@@ -218,7 +220,8 @@ fn main() -> ExitCode {
         for w in &warnings {
             eprintln!("credbrokerd: warning: {}: {}", w.key, w.message);
         }
-        println!("{}: OK", cli.config.display());
+        // A comment, so that the whole output is a config file.
+        println!("# {}: OK", cli.config.display());
         print!("{}", config.summary());
         return ExitCode::SUCCESS;
     }

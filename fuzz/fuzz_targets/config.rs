@@ -1,8 +1,9 @@
 //! The config file, from TOML text to a validated `Config` or every error, with every secret source read
 //! through `SecretEnv::offline` (no file, directory or variable is touched).
 //!
-//! Properties: validation is deterministic (twice the same outcome, the same summary or the same errors), and
-//! neither the summary nor any error shows a secret's value.
+//! Properties: validation is deterministic (twice the same outcome, the same summary or the same errors);
+//! neither the summary nor any error shows a secret's value; and a config that validates validates again
+//! after a round trip through its summary (which `check-config` prints as TOML), to the same summary.
 #![no_main]
 
 use credbroker_daemon::config::Config;
@@ -28,6 +29,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(summary, y.summary(), "the same config twice");
             assert!(!summary.contains(SECRET), "a secret in the summary");
             assert!(!format!("{x:?}").contains(SECRET), "a secret in Debug");
+            match Config::parse(&summary, &env) {
+                Ok(again) => assert_eq!(again.summary(), summary, "the summary's summary differs"),
+                Err(e) => panic!("the summary does not validate: {e}\n{summary}"),
+            }
         }
         (Err(x), Err(y)) => {
             assert_eq!(x, y, "the same errors twice");

@@ -627,13 +627,17 @@ scopes = ["ok", "not ok"]
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary = stdout(&out);
     assert!(
-        summary.contains("client_id=broker") && summary.contains("nobody-read"),
+        summary.contains("client_id = \"broker\"") && summary.contains("nobody-read"),
         "{summary}"
     );
     assert!(
         !summary.contains(SECRET) && !summary.contains("s3cr3t"),
         "{summary}"
     );
+    // The summary is the effective config: checked as a config file, it is valid and prints itself.
+    let again = check_config(&s.dir, &summary).await;
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(stdout(&again), summary);
 }
 
 #[tokio::test]

@@ -110,7 +110,7 @@ async fn the_example_config_is_valid_with_its_systemd_credential() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(
-        summary.contains("secret from systemd credential asgardeo"),
+        summary.contains("client_secret = { credential = \"asgardeo\" }"),
         "{summary}"
     );
     assert!(!summary.contains("example-secret"));

@@ -9,6 +9,7 @@
 //! not quote the line, which could hold a secret someone pasted by mistake.
 
 pub mod keys;
+mod render;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -87,6 +88,8 @@ pub struct DaemonConfig {
     pub log_format: LogFormat,
     /// Where the Prometheus metrics endpoint listens, if anywhere (off by default).
     pub metrics: Option<std::net::SocketAddr>,
+    /// `allow_remote_metrics`: `metrics` may be a non-loopback address.
+    pub allow_remote_metrics: bool,
     /// Retries allowed per first attempt to an IdP (a fraction).
     pub retry_budget: f64,
 }
@@ -309,77 +312,6 @@ impl Config {
         }
         warnings
     }
-
-    /// A summary for `check-config`, without secrets.
-    pub fn summary(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let d = &self.daemon;
-        let _ = writeln!(
-            s,
-            "socket: {} (mode {:04o}",
-            d.socket.display(),
-            d.socket_mode
-        );
-        s.pop();
-        if let Some((g, gid)) = &d.socket_group {
-            let _ = write!(s, ", group {g} ({gid})");
-        }
-        let _ = writeln!(s, ")");
-        let _ = writeln!(
-            s,
-            "default min ttl: {}",
-            humantime::format_duration(d.default_min_ttl)
-        );
-        let _ = writeln!(s, "clients: {}", self.clients.len());
-        for c in self.clients.values() {
-            let _ = writeln!(
-                s,
-                "  {}: {} client_id={} auth={} {} timeout={} default_ttl={}",
-                c.name,
-                match (&c.token_url, &c.issuer) {
-                    (Some(url), _) => url.to_string(),
-                    (None, Some(issuer)) => format!("issuer {issuer} (discovery)"),
-                    (None, None) => String::new(),
-                },
-                c.client_id,
-                c.auth.method(),
-                match &c.auth {
-                    ClientAuth::PrivateKeyJwt { key, .. } => match key.current() {
-                        Ok(k) => format!("{} key from {}", k.alg().name(), key.source()),
-                        Err(e) => e,
-                    },
-                    ClientAuth::ClientAssertion { assertion } =>
-                        format!("assertion from {}", assertion.source()),
-                    other => format!(
-                        "secret from {}",
-                        other
-                            .sources()
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", then ")
-                    ),
-                },
-                humantime::format_duration(c.timeout),
-                humantime::format_duration(c.default_ttl),
-            );
-        }
-        let policies = self.policies.policies();
-        let _ = writeln!(s, "policies: {}", policies.len());
-        for p in policies {
-            let scopes: Vec<String> = p.scopes.iter().map(ToString::to_string).collect();
-            let _ = writeln!(
-                s,
-                "  {}: match {} -> client {} scopes [{}]",
-                p.name,
-                p.matcher,
-                p.clients.join(", "),
-                scopes.join(", ")
-            );
-        }
-        s
-    }
 }
 
 impl DaemonConfig {
@@ -396,6 +328,7 @@ impl DaemonConfig {
             max_connections_per_uid: crate::serve::limits::PER_UID_CONNECTIONS,
             idle_timeout: crate::serve::limits::IDLE_TIMEOUT,
             metrics: None,
+            allow_remote_metrics: false,
             retry_budget: crate::tokens::retry::RETRY_RATIO,
             log_format: LogFormat::Text,
         }
@@ -740,6 +673,7 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
         }
     }
     let allow_remote = t.flag(errs, "allow_remote_metrics", false);
+    d.allow_remote_metrics = allow_remote;
     if let Some(v) = t.get("metrics") {
         let key = t.key("metrics");
         if let Some(s) = string(errs, &key, v) {
@@ -1550,7 +1484,7 @@ client_assertion = { env = "ASSERTION" }
             2
         );
         let summary = c.summary();
-        assert!(summary.contains("client_id=broker"), "{summary}");
+        assert!(summary.contains("client_id = \"broker\""), "{summary}");
         assert!(!summary.contains("s3cr3t"), "{summary}");
     }
 
