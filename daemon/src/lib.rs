@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credbroker_proto::TokenBrokerServer;
-use tokio::net::UnixListener;
 use tokio_stream::{Stream, StreamExt};
 
 pub use config::Config;
@@ -68,14 +67,15 @@ pub struct Options {
     pub nofile: u64,
 }
 
-/// Serves `config` on `listener`, reloading on [`Signal::Reload`], until [`Signal::Shutdown`] (or the end of
+/// Serves `config` on `incoming`'s connections (the listening socket, or connected sockets handed over, see
+/// [`server::Incoming`]), reloading on [`Signal::Reload`], until [`Signal::Shutdown`] (or the end of
 /// `signals`); then drains in-flight calls for at most `options.grace`.
 ///
 /// # Errors
 /// When the HTTP client for the IdPs cannot be built, or the gRPC server fails.
 pub async fn run(
     config: Config,
-    listener: UnixListener,
+    incoming: impl Into<server::Incoming>,
     signals: impl Stream<Item = Signal>,
     options: Options,
 ) -> anyhow::Result<()> {
@@ -134,7 +134,7 @@ pub async fn run(
         )))
     });
     let mut server = tokio::spawn(server::serve(
-        listener,
+        incoming.into(),
         broker.clone(),
         admin,
         budgets,
@@ -297,5 +297,70 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection handed over in memory (one end of a socket pair, no path, no accept) is served by the
+    /// whole stack, and its caller is who the kernel says: this process.
+    #[tokio::test]
+    async fn connections_handed_over_in_memory_are_served_with_the_kernels_identity() {
+        let uid = sys::euid();
+        let text = format!(
+            "version = 1\n[clients.idp]\ntoken_url = \"https://idp.example/token\"\nclient_id = \"x\"\n\
+             client_secret = {{ env = \"S\" }}\n[[policy]]\nname = \"me\"\nmatch = {{ uid = {uid} }}\n\
+             client = \"idp\"\nscopes = [\"a\"]\n"
+        );
+        let config = Config::parse(
+            &text,
+            &secret::SecretEnv {
+                credentials_dir: None,
+                var: &|_| Some("s".to_owned()),
+                offline: None,
+            },
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let options = Options {
+            reload_config: Arc::new(|| {
+                Err(ConfigErrors {
+                    path: None,
+                    errors: Vec::new(),
+                })
+            }),
+            notifier: Notifier::new(None),
+            watchdog: None,
+            grace: Duration::from_secs(1),
+            nofile: 1024,
+        };
+        let daemon = tokio::spawn(run(
+            config,
+            server::Incoming::Connected(rx),
+            tokio_stream::pending(),
+            options,
+        ));
+        let (mut ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        tx.send(theirs).await.unwrap();
+        ours.write_all(
+            b"GET /v1/whoami HTTP/1.1\r\nHost: x\r\nCredbroker-Request: true\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), ours.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(&format!("\"uid\":{uid}")), "{answer}");
+        assert!(
+            answer.contains(&format!("\"pid\":{}", std::process::id())),
+            "{answer}"
+        );
+        daemon.abort();
     }
 }

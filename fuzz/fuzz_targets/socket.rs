@@ -1,8 +1,9 @@
-//! Raw connection bytes through the daemon's real stack: `credbroker_daemon::run` on a Unix socket (the
-//! handshake, protocol detection, HTTP/1.1 through hyper and the HTTP API, HTTP/2 through the vendored h2,
-//! tonic, the authority handling and the gRPC service), with a stand-in token endpoint on 127.0.0.1 that the
-//! daemon fetched one token from before fuzzing starts. Each input is one connection: written, half-closed,
-//! its answer read (bounded in size and time).
+//! Raw connection bytes through the daemon's real stack: `credbroker_daemon::run` serving connections handed
+//! over in memory (one end of a socket pair each: no path, no accept, the kernel's peer credentials intact),
+//! through the identity handshake, protocol detection, HTTP/1.1 through hyper and the HTTP API, HTTP/2 through
+//! the vendored h2, tonic, the authority handling and the gRPC service, with a stand-in token endpoint on
+//! 127.0.0.1 that the daemon fetched one token from before fuzzing starts. Each input is one connection:
+//! written, half-closed, its answer read (bounded in size and time).
 //!
 //! Property: an HTTP/1.1 request without the guard header (`Credbroker-Request: true`) is never answered
 //! with the token.
@@ -10,41 +11,36 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use credbroker_daemon::config::Config;
 use credbroker_daemon::secret::SecretEnv;
 use credbroker_daemon::serve::notify::Notifier;
+use credbroker_daemon::serve::server::Incoming;
 use credbroker_daemon::{Options, Signal};
 use libfuzzer_sys::fuzz_target;
 
 const TOKEN: &str = "fuzz-access-token-7c1d9e";
 
-/// The socket of a daemon serving for the whole run.
-fn daemon() -> &'static PathBuf {
-    static SOCKET: OnceLock<PathBuf> = OnceLock::new();
-    SOCKET.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("credbroker-fuzz-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("credbroker.sock");
+/// Hands connections to a daemon serving for the whole run.
+fn daemon() -> &'static Daemon {
+    static DAEMON: OnceLock<Daemon> = OnceLock::new();
+    DAEMON.get_or_init(|| {
+        let (connections, mut handed) = tokio::sync::mpsc::channel::<UnixStream>(1);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let path = socket.clone();
         std::thread::spawn(move || {
             runtime.block_on(async move {
                 let idp = idp().await;
                 let uid = credbroker_daemon::sys::euid();
                 let config = format!(
-                    "version = 1\n[daemon]\nsocket = \"{}\"\n[clients.idp]\ntoken_url = \"http://{idp}/token\"\n\
+                    "version = 1\n[clients.idp]\ntoken_url = \"http://{idp}/token\"\n\
                      allow_http = true\nclient_id = \"broker\"\nclient_secret = {{ env = \"S\" }}\n\
-                     [[policy]]\nname = \"me\"\nmatch = {{ uid = {uid} }}\nclient = \"idp\"\nscopes = [\"*\"]\n",
-                    path.display()
+                     [[policy]]\nname = \"me\"\nmatch = {{ uid = {uid} }}\nclient = \"idp\"\nscopes = [\"*\"]\n"
                 );
                 let env = SecretEnv {
                     credentials_dir: None,
@@ -52,7 +48,16 @@ fn daemon() -> &'static PathBuf {
                     offline: None,
                 };
                 let config = Config::parse(&config, &env).unwrap();
-                let listener = tokio::net::UnixListener::bind(&path).unwrap();
+                // Each connection, registered with this runtime, goes to the daemon.
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tokio::spawn(async move {
+                    while let Some(io) = handed.recv().await {
+                        let io = io.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(io));
+                        if tx.send(io.unwrap()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
                 let options = Options {
                     reload_config: std::sync::Arc::new(|| Err(credbroker_daemon::config::ConfigErrors {
                         path: None,
@@ -63,24 +68,26 @@ fn daemon() -> &'static PathBuf {
                     grace: Duration::from_secs(1),
                     nofile: 1024,
                 };
-                tx.send(()).unwrap();
                 let signals = tokio_stream::pending::<Signal>();
-                if let Err(e) = credbroker_daemon::run(config, listener, signals, options).await {
+                if let Err(e) = credbroker_daemon::run(config, Incoming::Connected(rx), signals, options).await {
                     eprintln!("the daemon stopped: {e:#}");
                     std::process::exit(1);
                 }
             });
         });
-        rx.recv().unwrap();
+        let daemon = Daemon { connections };
         // One token fetched and cached: what a request without the guard must never get.
-        let answer = exchange(
-            &socket,
+        let answer = daemon.exchange(
             b"GET /v1/token?scope=fuzz:read HTTP/1.1\r\nHost: x\r\nCredbroker-Request: true\r\nConnection: close\r\n\r\n",
         );
         eprintln!("socket target: warm-up answer: {}", String::from_utf8_lossy(&answer));
         assert!(String::from_utf8_lossy(&answer).contains(TOKEN), "no token to protect: {answer:?}");
-        socket
+        daemon
     })
+}
+
+struct Daemon {
+    connections: tokio::sync::mpsc::Sender<UnixStream>,
 }
 
 /// A token endpoint that always issues the same token.
@@ -112,23 +119,23 @@ async fn idp() -> std::net::SocketAddr {
     addr
 }
 
-/// Writes `input` on a new connection, half-closes it, and reads the answer (at most 64 KiB, 2 s).
-fn exchange(socket: &PathBuf, input: &[u8]) -> Vec<u8> {
-    let Ok(mut s) = UnixStream::connect(socket) else {
-        return Vec::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-    let _ = s.write_all(input);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut answer = Vec::new();
-    let _ = s.take(64 * 1024).read_to_end(&mut answer);
-    answer
+impl Daemon {
+    /// Writes `input` on a new connection, half-closes it, and reads the answer (at most 64 KiB, 2 s).
+    fn exchange(&self, input: &[u8]) -> Vec<u8> {
+        let (mut s, theirs) = UnixStream::pair().unwrap();
+        self.connections.blocking_send(theirs).unwrap();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(input);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut answer = Vec::new();
+        let _ = s.take(64 * 1024).read_to_end(&mut answer);
+        answer
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
-    let socket = daemon();
-    let answer = exchange(socket, data);
+    let answer = daemon().exchange(data);
     let is_h2 = data.starts_with(b"PRI * HTTP/2.0");
     let guarded = data
         .windows(b"credbroker-request".len())

@@ -370,6 +370,32 @@ impl RefusedLog {
     }
 }
 
+/// Where the daemon's connections come from.
+pub enum Incoming {
+    /// Its listening socket (the socket systemd passed, or the one it bound).
+    Listener(UnixListener),
+    /// Connected sockets handed over one at a time, such as one end of [`UnixStream::pair`]: a connection in
+    /// memory, with no path and no `accept`, whose peer credentials the kernel still gives. The fuzzer feeds
+    /// raw bytes through the whole stack this way. Ends when the sender is dropped.
+    Connected(mpsc::Receiver<UnixStream>),
+}
+
+impl From<UnixListener> for Incoming {
+    fn from(listener: UnixListener) -> Self {
+        Self::Listener(listener)
+    }
+}
+
+impl Incoming {
+    /// The next connection, or `None` when no more will come.
+    async fn next(&mut self) -> Option<io::Result<UnixStream>> {
+        match self {
+            Self::Listener(listener) => Some(listener.accept().await.map(|(io, _)| io)),
+            Self::Connected(rx) => rx.recv().await.map(Ok),
+        }
+    }
+}
+
 /// What the accept loop and the handshakes share.
 struct Acceptor {
     broker: Arc<Broker>,
@@ -383,19 +409,20 @@ struct Acceptor {
 /// Accepts connections until the receiver goes away, spawning a bounded handshake for each. Accept errors
 /// (such as running out of file descriptors) are logged and retried after a pause instead of spinning.
 async fn accept_loop(
-    listener: UnixListener,
+    mut incoming: Incoming,
     acceptor: Arc<Acceptor>,
     tx: mpsc::Sender<Result<PeerStream, io::Error>>,
 ) {
     let limits = *acceptor.budgets.limits();
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = incoming.next() => a,
             () = tx.closed() => return,
         };
         let io = match accepted {
-            Ok((io, _)) => io,
-            Err(e) => {
+            None => return,
+            Some(Ok(io)) => io,
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "accept failed; retrying shortly");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -651,13 +678,13 @@ pub fn builder() -> tonic::transport::Server {
 }
 
 /// Serves `broker`, gRPC health (`grpc.health.v1.Health`, reported through `health`) and server reflection
-/// on `listener`, counting connections and calls in `budgets`, until `shutdown` completes, then stops accepting and lets in-flight calls
-/// finish.
+/// on `incoming`'s connections, counting connections and calls in `budgets`, until `shutdown` completes, then
+/// stops accepting and lets in-flight calls finish.
 ///
 /// # Errors
 /// tonic's transport error, or a reflection set-up error.
 pub async fn serve(
-    listener: UnixListener,
+    incoming: Incoming,
     broker: Arc<Broker>,
     admin: crate::serve::admin::AdminService,
     budgets: Arc<Budgets>,
@@ -688,7 +715,7 @@ pub async fn serve(
         broker: broker.clone(),
         refused: RefusedLog::default(),
     });
-    let acceptor = tokio::spawn(accept_loop(listener, acceptor, tx));
+    let acceptor = tokio::spawn(accept_loop(incoming, acceptor, tx));
     let http_api = crate::serve::http::HttpApi::new(broker.clone());
     let service = TokenBrokerServer::from_arc(broker)
         .max_decoding_message_size(MAX_MESSAGE_LEN)
