@@ -38,7 +38,7 @@ impl Config {
         out.push_str("\n[daemon]\n");
         daemon(&mut out, &self.daemon);
         for client in self.clients.values() {
-            let _ = writeln!(out, "\n[clients.{}]", client.name);
+            let _ = writeln!(out, "\n[clients.{}]", table_key(&client.name));
             client_table(&mut out, client);
         }
         for policy in self.policies.policies() {
@@ -46,6 +46,19 @@ impl Config {
             policy_table(&mut out, policy);
         }
         out
+    }
+}
+
+/// A name as a TOML key: bare when it can be, else quoted (a client named `a.b` is one key, not two).
+fn table_key(name: &str) -> String {
+    if !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        name.to_owned()
+    } else {
+        Value::String(name.to_owned()).to_string()
     }
 }
 
@@ -301,7 +314,7 @@ system_roots = false
 default_ttl = "10m"
 timeout = "2500ms"
 
-[clients.post]
+[clients."post.v2"]
 issuer = "http://127.0.0.1:8080/realms/x"
 allow_http = true
 client_id = "post"
@@ -334,7 +347,7 @@ scopes = ["openid"]
 [[policy]]
 name = "programs"
 match = { any_user = true, exe = "/usr/bin/true", unit = ["a.service", "b.service"] }
-client = ["post", "jwt"]
+client = ["post.v2", "jwt"]
 scopes = ["x:*", "y"]
 
 [[policy]]
