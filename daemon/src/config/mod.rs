@@ -1235,7 +1235,7 @@ fn matcher(errs: &mut Errors, prefix: &str, table: &toml::Table) -> Option<Match
             None
         }
     });
-    let names_users = m.uid.is_some() || m.user.is_some() || m.gid.is_some() || m.group.is_some();
+    let names_users = m.names_users();
     let names_programs = m.exe.is_some() || m.unit.is_some();
     if any_user && names_users {
         errs.push(

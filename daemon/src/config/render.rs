@@ -80,10 +80,6 @@ fn one_or_list(items: &[String]) -> Value {
     single_or_array(items.iter().cloned().map(Value::String).collect())
 }
 
-fn strings<T: ToString>(items: &[T]) -> Vec<String> {
-    items.iter().map(ToString::to_string).collect()
-}
-
 fn duration(d: Duration) -> Value {
     Value::String(humantime::format_duration(d).to_string())
 }
@@ -230,7 +226,12 @@ fn policy_table(out: &mut String, p: &Policy) {
     key(
         out,
         "scopes",
-        Value::Array(strings(&p.scopes).into_iter().map(Value::String).collect()),
+        Value::Array(
+            p.scopes
+                .iter()
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
     );
 }
 
@@ -240,8 +241,7 @@ fn matcher(m: &Matcher) -> Value {
         t.insert("any".into(), true.into());
         return Value::Table(t);
     }
-    let names_users = m.uid.is_some() || m.user.is_some() || m.gid.is_some() || m.group.is_some();
-    if !names_users {
+    if !m.names_users() {
         // Only exe/unit: the config must say so on purpose.
         t.insert("any_user".into(), true.into());
     }

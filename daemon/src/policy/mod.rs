@@ -46,6 +46,12 @@ pub struct Matcher {
 }
 
 impl Matcher {
+    /// Whether it names users (uid, user, gid or group); one that names only programs (exe, unit) must say
+    /// `any_user = true` in the config.
+    pub fn names_users(&self) -> bool {
+        self.uid.is_some() || self.user.is_some() || self.gid.is_some() || self.group.is_some()
+    }
+
     /// Whether the caller matches.
     pub fn matches(&self, caller: &Caller) -> bool {
         if self.any {
