@@ -49,6 +49,29 @@ impl Setup {
         self.dir.path().join("credbroker.sock")
     }
 
+    /// `config` made usable by a daemon running as [`NOBODY`]: its socket moves into a directory of nobody's
+    /// (with `daemon_extra` after it, in `[daemon]`), and the client secret becomes nobody's. The new socket
+    /// path is [`Setup::nobody_socket`].
+    pub fn for_nobody(&self, config: &str, daemon_extra: &str) -> String {
+        let home = self.nobody_socket().parent().unwrap().to_owned();
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        let secret = self.dir.path().join("idp.secret");
+        std::os::unix::fs::chown(&secret, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+        config.replace(
+            &format!("socket = \"{}\"", self.socket().display()),
+            &format!(
+                "socket = \"{}\"\n{daemon_extra}",
+                self.nobody_socket().display()
+            ),
+        )
+    }
+
+    /// The socket of a config made by [`Setup::for_nobody`].
+    pub fn nobody_socket(&self) -> PathBuf {
+        self.dir.path().join("run/credbroker.sock")
+    }
+
     /// The base config with `client_extra` appended to `[clients.idp]` and `tail` at the end.
     pub fn config_with(&self, client_extra: &str, tail: &str) -> String {
         format!(

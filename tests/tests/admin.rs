@@ -344,24 +344,14 @@ scopes = ["scim:write"]
 #[tokio::test]
 async fn explain_says_when_the_daemon_cannot_read_a_process_executable() {
     let s = Setup::new().await;
-    let home = s.dir.path().join("run");
-    std::fs::create_dir(&home).unwrap();
-    std::os::unix::fs::chown(&home, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
-    let secret = s.dir.path().join("idp.secret");
-    std::os::unix::fs::chown(&secret, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
-    let config = s
-        .config_with(
+    let config = s.for_nobody(
+        &s.config_with(
             "",
             "\n[[policy]]\nname = \"sleep-only\"\nmatch = { uid = 0, exe = \"/usr/bin/sleep\" }\n\
              client = \"idp\"\nscopes = [\"sleep:only\"]\n",
-        )
-        .replace(
-            &format!("socket = \"{}\"", s.socket().display()),
-            &format!(
-                "socket = \"{}/credbroker.sock\"\nadmins = [\"nobody\"]",
-                home.display()
-            ),
-        );
+        ),
+        "admins = [\"nobody\"]",
+    );
     let opts = credbroker_tests::DaemonOptions {
         run_as: Some(NOBODY),
         ..credbroker_tests::DaemonOptions::default()

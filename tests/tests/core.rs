@@ -514,15 +514,7 @@ scopes = ["scim:read"]
 async fn the_daemon_is_not_dumpable() {
     let s = Setup::new().await;
     // Run the daemon as uid 65534: then /proc/<pid>/* belongs to root only if it made itself non-dumpable.
-    let home = s.dir.path().join("run");
-    std::fs::create_dir(&home).unwrap();
-    std::os::unix::fs::chown(&home, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
-    let secret = s.dir.path().join("idp.secret");
-    std::os::unix::fs::chown(&secret, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
-    let config = s.config().replace(
-        &format!("socket = \"{}\"", s.socket().display()),
-        &format!("socket = \"{}/credbroker.sock\"", home.display()),
-    );
+    let config = s.for_nobody(&s.config(), "");
     let opts = DaemonOptions {
         run_as: Some(NOBODY),
         ..DaemonOptions::default()
@@ -541,7 +533,7 @@ async fn the_daemon_is_not_dumpable() {
         "a dumpable process's /proc entries belong to its own uid"
     );
     // And it still serves.
-    let mut c = credbroker_client::Client::connect(home.join("credbroker.sock"))
+    let mut c = credbroker_client::Client::connect(s.nobody_socket())
         .await
         .unwrap();
     c.token(["scim:read"]).await.unwrap();
