@@ -433,13 +433,14 @@ impl<T> Rotating<T> {
     /// # Errors
     /// Why the changed file cannot be read or parsed; the next call tries again.
     pub fn current(&self) -> Result<Arc<T>, String> {
-        let SecretSource::File(path) = &self.source else {
-            return Ok(self.lock().1.clone());
+        let path = {
+            let current = self.lock();
+            match (&current.0, &self.source) {
+                (Some(_), SecretSource::File(path)) => path,
+                // Not a file, or one read through `SecretEnv::offline`: nothing to watch.
+                _ => return Ok(current.1.clone()),
+            }
         };
-        if self.lock().0.is_none() {
-            // Read through `SecretEnv::offline`: there is no file to look at.
-            return Ok(self.lock().1.clone());
-        }
         let now = Stamp::now(path, self.kind)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut current = self.lock();
