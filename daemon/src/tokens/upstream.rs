@@ -829,16 +829,13 @@ fn parse_token(
     let extra: Vec<String> = granted.difference(requested).map(str::to_owned).collect();
     if !extra.is_empty() {
         // The IdP's words reach the caller: at most a few, short, and never a credential the request carried.
-        let shown = extra.len().min(MAX_EXTRA_SHOWN);
+        let (total, shown) = (extra.len(), extra.len().min(MAX_EXTRA_SHOWN));
         let mut extra: Vec<String> = extra[..shown]
             .iter()
             .map(|s| crate::text::cut(&scrub(s, sensitive), 64))
             .collect();
-        if granted.difference(requested).count() > shown {
-            extra.push(format!(
-                "and {} more",
-                granted.difference(requested).count() - shown
-            ));
+        if total > shown {
+            extra.push(format!("and {} more", total - shown));
         }
         return Err(UpstreamError::ScopeTooWide { extra });
     }
@@ -898,7 +895,6 @@ fn parse_error(body: &[u8]) -> (Option<String>, Option<String>) {
     (None, (!text.is_empty()).then(|| text.into_owned()))
 }
 
-/// Keeps printable ASCII (collapsing whitespace), at most `max` characters; `None` when nothing is left.
 /// A `Content-Type` as shown in a message: one of the media types IdPs and the proxies before them send,
 /// else `another type`. Never the header as sent: it reaches callers' error messages, so it must not be able
 /// to carry anything else there (an echoed secret, say, or kilobytes of text).
@@ -928,22 +924,19 @@ fn media_type(content_type: &str) -> &'static str {
 /// non-ASCII characters, so it would no longer be found) and after (cleaning drops characters, which can join
 /// the pieces of a secret the IdP split with them), then cut.
 fn clean(s: &str, sensitive: &[Zeroizing<String>], max: usize) -> Option<String> {
-    let cleaned = sanitize(&scrub(s, sensitive), usize::MAX)?;
-    let cleaned = scrub(&cleaned, sensitive);
+    let cleaned = scrub(&sanitize(&scrub(s, sensitive)), sensitive);
     let cut: String = cleaned.chars().take(max).collect();
     (!cut.is_empty()).then_some(cut)
 }
 
-fn sanitize(s: &str, max: usize) -> Option<String> {
-    let cleaned: String = s
-        .split_whitespace()
+/// Keeps printable ASCII, collapsing whitespace.
+fn sanitize(s: &str) -> String {
+    s.split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
         .chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
-        .take(max)
-        .collect();
-    (!cleaned.is_empty()).then_some(cleaned)
+        .collect()
 }
 
 /// Replaces every occurrence of each sensitive string in `text`.
