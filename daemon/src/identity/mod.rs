@@ -1,5 +1,4 @@
 //! Who is calling: the identity the kernel reports for a socket peer ([`peer`]), settled at accept and kept
-//! per connection ([`conn`]).
+//! per connection ([`crate::serve::conn`]).
 
-pub mod conn;
 pub mod peer;

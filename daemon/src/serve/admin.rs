@@ -13,9 +13,9 @@ use tonic::{Request, Response, Status};
 
 use crate::Reloader;
 use crate::audit;
-use crate::identity::conn::Connection;
 use crate::identity::peer::{self, Caller, PeerCred};
 use crate::policy::scope::ScopeSet;
+use crate::serve::conn::Connection;
 use crate::serve::limits::{Bucket, Budgets};
 use crate::serve::service::{Broker, MAX_CLIENT_NAME};
 use crate::sys;

@@ -23,7 +23,7 @@ use tonic::Code;
 use tonic::body::Body;
 
 use crate::error::code_name;
-use crate::identity::conn::Connection;
+use crate::serve::conn::Connection;
 use crate::serve::service::Broker;
 
 /// The header every request must carry, with the value `true`.

@@ -1,8 +1,9 @@
-//! Serving: the socket and its connections ([`server`]), what one user may hold of them ([`limits`]), the gRPC
-//! service ([`service`]), the admin API ([`admin`]), the plain HTTP API on the same socket ([`http`]), the
-//! Prometheus endpoint ([`metrics`]), and systemd notifications ([`notify`]).
+//! Serving: the socket and its connections ([`server`], each one's state in [`conn`]), what one user may
+//! hold of them ([`limits`]), the gRPC service ([`service`]), the admin API ([`admin`]), the plain HTTP API on
+//! the same socket ([`http`]), the Prometheus endpoint ([`metrics`]), and systemd notifications ([`notify`]).
 
 pub mod admin;
+pub mod conn;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -30,8 +30,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::identity::conn::{Connection, Identity};
 use crate::identity::peer::{FileId, PeerCred, PeerError};
+use crate::serve::conn::{Connection, Identity};
 use crate::serve::limits::{Bucket, Budgets, Limits, Permit};
 use crate::serve::service::Broker;
 use crate::sys;
