@@ -369,10 +369,10 @@ match = {{ uid = 0 }}
 client = "idp"
 scopes = ["bench:*"]
 
-# The attacker of the "under attack" rows: an ordinary user with a policy of its own.
+# The attackers of the "under attack" rows: ordinary users with a policy of their own.
 [[policy]]
 name = "attacker"
-match = {{ uid = 65534 }}
+match = {{ uid = [65534, 40001, 40002] }}
 client = "idp"
 scopes = ["other:read"]
 "#,
@@ -659,15 +659,15 @@ scopes = ["other:read"]
     Ok(())
 }
 
-/// Starts `tests/helpers/attacker.py MODE ARGS` as uid 65534 against `socket` and waits for its first report.
-async fn attacker(socket: &Path, args: &[&str]) -> anyhow::Result<tokio::process::Child> {
+/// Starts `tests/helpers/attacker.py MODE ARGS` as `uid` against `socket` and waits for its first report.
+async fn attacker(socket: &Path, uid: u32, args: &[&str]) -> anyhow::Result<tokio::process::Child> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/helpers/attacker.py");
     let mut child = tokio::process::Command::new("/usr/bin/python3")
         .arg(script)
         .arg(socket)
         .args(args)
-        .uid(65534)
-        .gid(65534)
+        .uid(uid)
+        .gid(uid)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -696,8 +696,8 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// One legitimate caller (uid 0, 1 connection) before and during each attack by uid 65534: its p50 and p99,
-/// and the daemon's RSS (now and peak).
+/// One legitimate caller (uid 0, 1 connection) before and during each attack (by uid 65534, or by three uids
+/// at once): its p50 and p99, and the daemon's RSS (now and peak).
 async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Row>> {
     let socket = &daemon.socket;
     let mut rows = Vec::new();
@@ -715,26 +715,44 @@ async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Ro
         None,
     ));
     let secs = (phase.as_secs_f64() + 2.0).to_string();
-    let attacks: [(&str, Vec<&str>); 3] = [
+    let replies = ["replies", "64", "50", "zero"];
+    let one = |args: &[&'static str]| vec![(65534, args.to_vec())];
+    let attacks: [(&str, Vec<(u32, Vec<&str>)>); 5] = [
         (
             "1000 connections x 16 unfinished 20 KiB messages",
-            vec!["streams", "1000"],
+            one(&["streams", "1000"]),
         ),
-        ("1000 idle connections", vec!["idle", "1000"]),
+        ("1000 idle connections", one(&["idle", "1000"])),
         (
             "connection attempts without pause",
-            vec!["attempts-for", &secs],
+            vec![(65534, vec!["attempts-for", &secs])],
+        ),
+        (
+            "64 connections x 16 reflection streams x 50 answers, no window",
+            one(&replies),
+        ),
+        (
+            "the same from three uids at once",
+            [65534, 40001, 40002]
+                .map(|uid| (uid, replies.to_vec()))
+                .to_vec(),
         ),
     ];
-    for (what, args) in attacks {
-        let mut child = attacker(socket, &args).await?;
+    for (what, attackers) in attacks {
+        let mut children = Vec::new();
+        for (uid, args) in &attackers {
+            children.push(attacker(socket, *uid, args).await?);
+        }
         let s = load(socket, 1, 1, phase).await?;
         let (rss, peak) = memory_kib(daemon.pid());
-        if let Some(mut stdin) = child.stdin.take() {
-            use tokio::io::AsyncWriteExt;
-            let _ = stdin.write_all(b"\n").await;
+        for mut child in children {
+            if let Some(mut stdin) = child.stdin.take() {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.write_all(b"\n").await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        let bound = if attackers.len() > 1 { 128 } else { 64 };
         rows.push(row(
             &format!("under attack ({what}): 1 caller, p50 / p99 / RSS (peak)"),
             format!(
@@ -745,8 +763,8 @@ async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Ro
                 peak as f64 / 1024.0,
                 s.errors
             ),
-            "served; RSS < 64 MB",
-            Some(s.errors == 0 && !s.latencies.is_empty() && peak < 64 * 1024),
+            &format!("served; RSS < {bound} MB"),
+            Some(s.errors == 0 && !s.latencies.is_empty() && peak < bound * 1024),
         ));
     }
     Ok(rows)

@@ -7,6 +7,35 @@ use std::time::{Duration, SystemTime};
 use credbroker_client::admin;
 use serde_json::{Value, json};
 
+/// `text` for a terminal: control characters (newlines, escape sequences), and characters that reorder or
+/// hide text, shown escaped, as the daemon's audit log shows them. What the daemon reports of a process (its
+/// executable's path, its unit) is chosen by whoever runs it, and must not be able to write lines or colours
+/// into an admin's terminal.
+fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if unsafe_char(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// Each of `items`, [`shown`], joined by `sep`.
+fn shown_all(items: &[String], sep: &str) -> String {
+    items.iter().map(|i| shown(i)).collect::<Vec<_>>().join(sep)
+}
+
 fn time(t: Option<&prost_types::Timestamp>) -> Option<SystemTime> {
     t.and_then(|t| SystemTime::try_from(*t).ok())
 }
@@ -248,26 +277,26 @@ pub(crate) fn status_json(s: &admin::StatusResponse) -> Value {
     })
 }
 
-/// `credbroker explain`, for people.
+/// `credbroker explain`, for people. Every text that comes from the process or the request is [`shown`].
 pub(crate) fn explain_text(e: &admin::ExplainResponse) -> String {
     let mut out = String::new();
     let c = e.caller.clone().unwrap_or_default();
     let _ = write!(out, "caller:  uid {}", c.uid);
     if !c.user.is_empty() {
-        let _ = write!(out, " ({})", c.user);
+        let _ = write!(out, " ({})", shown(&c.user));
     }
-    let _ = write!(out, ", groups {}", c.groups.join(", "));
+    let _ = write!(out, ", groups {}", shown_all(&c.groups, ", "));
     if c.pid != 0 {
         let _ = write!(out, ", pid {}", c.pid);
     }
     let _ = write!(
         out,
         "\n         exe {}, unit {}\n",
-        if c.exe.is_empty() { "-" } else { &c.exe },
-        if c.unit.is_empty() { "-" } else { &c.unit }
+        if c.exe.is_empty() { "-".into() } else { shown(&c.exe) },
+        if c.unit.is_empty() { "-".into() } else { shown(&c.unit) }
     );
     for note in &e.notes {
-        let _ = writeln!(out, "note:    {note}");
+        let _ = writeln!(out, "note:    {}", shown(note));
     }
     if e.matching.is_empty() {
         let _ = writeln!(out, "matching policies: none");
@@ -277,9 +306,9 @@ pub(crate) fn explain_text(e: &admin::ExplainResponse) -> String {
             let _ = writeln!(
                 out,
                 "  {}: {} [{}]",
-                p.policy,
-                p.clients.join(", "),
-                p.scopes.join(" ")
+                shown(&p.policy),
+                shown_all(&p.clients, ", "),
+                shown_all(&p.scopes, " ")
             );
         }
     }
@@ -288,20 +317,26 @@ pub(crate) fn explain_text(e: &admin::ExplainResponse) -> String {
             let _ = writeln!(
                 out,
                 "decision: allowed (client {}, by {})",
-                e.client,
-                e.allowed_by.join(", ")
+                shown(&e.client),
+                shown_all(&e.allowed_by, ", ")
             );
         } else {
-            let _ = writeln!(out, "decision: denied: {}", e.reason);
+            let _ = writeln!(out, "decision: denied: {}", shown(&e.reason));
             if !e.refused_scope.is_empty() {
-                let _ = writeln!(out, "first refused scope: {}", e.refused_scope);
+                let _ = writeln!(out, "first refused scope: {}", shown(&e.refused_scope));
             }
         }
     }
     if !e.near_misses.is_empty() {
         let _ = writeln!(out, "came close:");
         for m in &e.near_misses {
-            let _ = writeln!(out, "  {}: {} {}", m.policy, m.key, m.detail);
+            let _ = writeln!(
+                out,
+                "  {}: {} {}",
+                shown(&m.policy),
+                shown(&m.key),
+                shown(&m.detail)
+            );
         }
     }
     out.pop();
@@ -335,4 +370,28 @@ pub(crate) fn explain_json(e: &admin::ExplainResponse) -> Value {
             "policy": m.policy, "key": m.key, "detail": m.detail,
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_cannot_write_lines_or_colours_into_the_explanation() {
+        let e = admin::ExplainResponse {
+            caller: Some(admin::Caller {
+                uid: 1000,
+                exe: "/tmp/x\ndecision: allowed (client idp, by root-all)\u{1b}[2K\u{202e}".to_owned(),
+                unit: "u\r.service".to_owned(),
+                ..Default::default()
+            }),
+            decided: true,
+            reason: "no policy\nFORGED".to_owned(),
+            ..Default::default()
+        };
+        let text = explain_text(&e);
+        assert_eq!(text.lines().filter(|l| l.starts_with("decision")).count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{202e}'), "{text}");
+        assert!(text.contains("/tmp/x\\ndecision: allowed"), "{text}");
+    }
 }

@@ -14,13 +14,16 @@
 //!   groups, which never read it.
 //!
 //! Shared by them: [`audit`] (the structured audit trail), [`telemetry`] (the metrics), [`error`] (request
-//! errors and their one mapping to gRPC status codes), [`secret`] (secrets, never printed), [`text`] (bounded, escaped log text) and [`sys`]
+//! errors and their one mapping to gRPC status codes), [`secret`] (secrets, never printed), [`path_trust`] (who
+//! controls a credential file's path, so the daemon reads nothing for a user that the user could not),
+//! [`text`] (bounded, escaped log text) and [`sys`]
 //! (the few raw system calls, the only `unsafe` code).
 
 pub mod audit;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod path_trust;
 pub mod policy;
 pub mod secret;
 pub mod serve;
@@ -159,14 +162,15 @@ pub async fn run(
             }
         }))
     });
-    // Now and then, say how many denials went unlogged (over their uid's rate).
-    let _denial_summaries = {
+    // Now and then, say how many lines went unlogged (over their budget), and how often tokens were handed
+    // out again.
+    let _log_summaries = {
         let broker = broker.clone();
         AbortOnDrop(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
                 tick.tick().await;
-                broker.denials.flush();
+                broker.audit.flush(false);
             }
         }))
     };
@@ -199,6 +203,7 @@ pub async fn run(
             server.abort();
         }
     }
+    broker.audit.flush(true);
     Ok(())
 }
 

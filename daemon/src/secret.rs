@@ -166,6 +166,16 @@ pub enum SecretError {
     /// The environment variable is not set (or not UTF-8).
     #[error("environment variable {0} is not set")]
     EnvUnset(String),
+    /// Someone the daemon does not trust controls the path, and it does not lead to a file of theirs; or a
+    /// directory on the way is open to others (see [`crate::path_trust`]).
+    #[error(transparent)]
+    Path(#[from] crate::path_trust::WalkError),
+    /// The file was replaced between the check of its path and its opening.
+    #[error("{path} changed while it was being read; it is read again at the next use")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// The credential prefixes of the shipped unit: `LoadCredential=credbroker:/etc/credbroker/credentials` and
@@ -305,18 +315,21 @@ impl Stamp {
 }
 
 fn read_file(path: &Path, kind: FileKind) -> Result<(Zeroizing<String>, Stamp), SecretError> {
-    // Assertion files may be links (Kubernetes' `..data`): the file they resolve to is read and checked.
-    let resolved;
-    let path = match kind {
-        FileKind::Secret | FileKind::Certificate => path,
-        FileKind::Assertion => {
-            resolved = std::fs::canonicalize(path).map_err(|source| SecretError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            resolved.as_path()
-        }
-    };
+    // Secrets, keys and certificates are the file the config names, never a link to another.
+    if kind != FileKind::Assertion
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+    {
+        return Err(SecretError::Symlink {
+            path: path.to_owned(),
+        });
+    }
+    // Who controls the path must be able to read what it leads to (assertion files may be links, such as
+    // Kubernetes' `..data`): never a confused deputy.
+    let walked = crate::path_trust::walk(path).map_err(|e| match e {
+        crate::path_trust::WalkError::Io { path, source } => SecretError::Read { path, source },
+        other => SecretError::Path(other),
+    })?;
+    let path = walked.resolved.as_path();
     let read_err = |source| SecretError::Read {
         path: path.to_owned(),
         source,
@@ -334,6 +347,11 @@ fn read_file(path: &Path, kind: FileKind) -> Result<(Zeroizing<String>, Stamp), 
             _ => read_err(e),
         })?;
     let meta = file.metadata().map_err(read_err)?;
+    if (meta.dev(), meta.ino()) != (walked.dev, walked.ino) {
+        return Err(SecretError::Changed {
+            path: path.to_owned(),
+        });
+    }
     if !meta.is_file() {
         return Err(SecretError::NotAFile {
             path: path.to_owned(),

@@ -54,6 +54,7 @@ pub struct Metrics {
     rate_limited: IntCounter,
     connections_refused: IntCounter,
     reloads: IntCounterVec,
+    log_lines_suppressed: IntCounterVec,
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
     connections: IntGauge,
@@ -208,6 +209,19 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            log_lines_suppressed: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "credbroker_log_lines_suppressed_total",
+                        "Audit lines not logged because their caller's log budget was spent, by kind (deny, \
+                         error, admin, grant, grant-repeats); each budget's count is also logged in a \
+                         `suppressed` event.",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid metric"),
+            ),
             cache_entries: gauge(
                 &r,
                 "credbroker_cache_entries",
@@ -282,6 +296,11 @@ impl Metrics {
     /// A request refused by its uid's rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.inc();
+    }
+
+    /// An audit line of `kind` not logged: its budget was spent.
+    pub fn log_line_suppressed(&self, kind: &str) {
+        self.log_lines_suppressed.with_label_values(&[kind]).inc();
     }
 
     /// A connection refused at a connection limit.

@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         groups: vec!["alice".into()],
         exe: Some(std::path::PathBuf::from(text.as_ref())),
         exe_id: None,
+        exe_note: None,
         unit: Some(text.to_string()),
     };
     let line = caller.to_string();

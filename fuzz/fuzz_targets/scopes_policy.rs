@@ -20,6 +20,7 @@ fn caller(uid: u32) -> Caller {
         groups: vec![format!("g{uid}")],
         exe: None,
         exe_id: None,
+        exe_note: None,
         unit: None,
     }
 }

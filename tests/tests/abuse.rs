@@ -201,6 +201,20 @@ async fn silent_and_idle_connections_are_closed() {
     assert!(closed_after < 25.0, "{}", a.report);
 }
 
+/// A child process killed when dropped.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn scopeguard(child: std::process::Child) -> Guard {
+    Guard(child)
+}
+
 /// The daemon's audit events and warnings, for failure messages.
 fn audit_lines(d: &Daemon) -> String {
     d.log()
@@ -351,18 +365,19 @@ async fn a_denial_flood_writes_short_lines_at_a_bounded_rate() {
     assert!(log.len() < 64 * 1024, "{} log bytes", log.len());
     // What was not logged is counted, and said once the uid may log again (its rate refills in seconds).
     tokio::time::timeout(WAIT, async {
-        while !d.log().contains("event=\"deny-suppressed\"") {
+        while !d.log().contains("event=\"suppressed\"") {
             let _ = c.token(["openid"]).await;
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     })
     .await
-    .expect("a deny-suppressed summary");
+    .expect("a suppressed summary");
 }
 
 #[tokio::test]
 async fn the_socket_cannot_be_redirected_nor_removed_from_under_a_successor() {
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
     let s = Setup::new().await;
     // A socket directory others may rearrange (writable by all, not sticky) is refused.
     let open_dir = s.dir.path().join("open");
@@ -389,18 +404,45 @@ async fn the_socket_cannot_be_redirected_nor_removed_from_under_a_successor() {
         "{}",
         stderr(&out)
     );
-    // Sticky, like /tmp, is fine: nobody else can rename or remove the daemon's entry.
+    // Sticky, like /tmp, is refused too: another user could bind the socket's name before the daemon (and
+    // be what callers talk to), as a squatter does here.
     std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let sticky = Daemon::start(&s.dir, &config).await;
-    assert_eq!(
-        std::fs::metadata(&sticky.socket)
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o666
+    let squat = std::process::Command::new(PYTHON)
+        .args([
+            "-c",
+            "import socket, sys; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); print(flush=True); sys.stdin.readline()",
+        ])
+        .arg(open_dir.join("credbroker.sock"))
+        .uid(STRANGER.0)
+        .gid(STRANGER.1)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut squat = scopeguard(squat);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squat.0.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(bin("credbrokerd"))
+            .arg("--config")
+            .arg(&path)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("bind the socket's name first"),
+        "{}",
+        stderr(&out)
     );
-    sticky.stop().await;
+    drop(squat);
 
     // An old instance still draining must not remove the socket of the instance that replaced it.
     let old = Daemon::start(&s.dir, &s.config()).await;
@@ -432,4 +474,314 @@ async fn a_policy_exe_the_daemon_cannot_see_is_a_warning_and_matches_nobody() {
         .cli(Some(NOBODY), &["token", "-c", "idp", "scim:write"])
         .await;
     assert_eq!(out.status.code(), Some(77), "{}", stderr(&out));
+}
+
+/// The fixture's config, with a policy for each of the strangers too: three uids with budgets of their own.
+fn three_users_config(s: &Setup) -> String {
+    s.config_with(
+        "",
+        &format!(
+            "\n[[policy]]\nname = \"strangers\"\nmatch = {{ uid = [{}, {}] }}\nclient = \"idp\"\nscopes = [\"scim:read\"]\n",
+            STRANGER.0, OTHER_STRANGER.0
+        ),
+    )
+}
+
+#[tokio::test]
+async fn replies_waiting_for_a_window_stay_within_the_memory_bound() {
+    replies_the_attacker_will_not_read_stay_within_the_memory_bound("zero").await;
+}
+
+#[tokio::test]
+async fn replies_to_a_peer_that_never_reads_stay_within_the_memory_bound() {
+    replies_the_attacker_will_not_read_stay_within_the_memory_bound("open").await;
+}
+
+/// Three uids with a budget each attack with reflection answers they never take, giving the daemon `window`
+/// (see `attacker.py replies`); the daemon stays within the memory bound and root is served throughout.
+async fn replies_the_attacker_will_not_read_stay_within_the_memory_bound(window: &str) {
+    let s = Setup::new().await;
+    let opts = DaemonOptions {
+        log: "info".to_owned(),
+        ..DaemonOptions::default()
+    };
+    let d = Daemon::start_with(&s.dir, &three_users_config(&s), opts).await;
+    let mut c = d.client().await;
+    let token = token_text(&mut c, &["scim:read"]).await;
+    // One uid: every connection it may hold, 16 reflection streams on each asking 50 times for a 13 KB
+    // answer, and no flow-control window to send them in.
+    let one = attack(&d.socket, NOBODY, &["replies", "64", "50", window], &[]).await;
+    assert!(
+        one.report["streams"].as_u64().unwrap() >= 16,
+        "{}",
+        one.report
+    );
+    let (rss, peak) = memory_kib(d.pid());
+    eprintln!("one uid: RSS {rss} KiB, peak {peak} KiB");
+    assert!(
+        peak < MAX_RSS_KIB,
+        "one uid: peak RSS {peak} KiB (now {rss} KiB) over {MAX_RSS_KIB} KiB"
+    );
+    let mut legit = d.client().await;
+    assert_eq!(token_text(&mut legit, &["scim:read"]).await, token);
+    // Two more uids join in.
+    let two = attack(&d.socket, STRANGER, &["replies", "64", "50", window], &[]).await;
+    let three = attack(
+        &d.socket,
+        OTHER_STRANGER,
+        &["replies", "64", "50", window],
+        &[],
+    )
+    .await;
+    let (rss, peak) = memory_kib(d.pid());
+    eprintln!("three uids: RSS {rss} KiB, peak {peak} KiB");
+    assert!(
+        peak < 2 * MAX_RSS_KIB,
+        "three uids: peak RSS {peak} KiB (now {rss} KiB) over {} KiB",
+        2 * MAX_RSS_KIB
+    );
+    // Root is served throughout, on a new connection.
+    let mut legit = d.client().await;
+    assert_eq!(token_text(&mut legit, &["scim:read"]).await, token);
+    for a in [one, two, three] {
+        a.release().await;
+    }
+    assert_eq!(token_text(&mut c, &["scim:read"]).await, token);
+}
+
+#[tokio::test]
+async fn every_method_with_streams_dropped_and_no_window_causes_no_panic() {
+    let s = Setup::new().await;
+    let opts = DaemonOptions {
+        log: "info".to_owned(),
+        // What a panic costs is worst with backtraces.
+        env: vec![("RUST_BACKTRACE".to_owned(), "1".to_owned())],
+        ..DaemonOptions::default()
+    };
+    let d = Daemon::start_with(&s.dir, &s.config(), opts).await;
+    // A stranger, and root (an admin, so the admin API answers it in full: Status streams).
+    for who in [STRANGER, (0, 0)] {
+        let a = attack(&d.socket, who, &["drop-streams", "240"], &[]).await;
+        assert_eq!(a.report["dropped"].as_u64(), Some(3840), "{}", a.report);
+    }
+    let mut c = d.client().await;
+    token_text(&mut c, &["scim:read"]).await;
+    let log = d.log();
+    let panics = log.matches("panicked").count();
+    assert_eq!(
+        panics,
+        0,
+        "{panics} panics:\n{}",
+        &log[..log.len().min(4000)]
+    );
+}
+
+/// What a log flood may write: the first burst of lines (20, each under 1.5 KiB) and 64 KiB a minute.
+fn log_bound(elapsed: std::time::Duration) -> usize {
+    20 * 1536 + (64 * 1024 * elapsed.as_millis() as usize) / 60_000
+}
+
+/// Runs `attacker.py args` as `who` against a daemon on `config` logging at `info`, and checks what the
+/// flood wrote: within [`log_bound`], no line over 1.5 KiB, and what was not logged summed up in a
+/// `suppressed` event (the next line `more` causes, or the periodic summary, carries it). Returns the log of
+/// the attack and the attacker's report.
+async fn flood_within_the_log_budget(
+    s: &Setup,
+    config: &str,
+    who: (u32, u32),
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (String, serde_json::Value) {
+    let opts = DaemonOptions {
+        log: "info".to_owned(),
+        ..DaemonOptions::default()
+    };
+    let d = Daemon::start_with(&s.dir, config, opts).await;
+    let before = d.log().len();
+    let started = std::time::Instant::now();
+    let a = attack(&d.socket, who, args, env).await;
+    let elapsed = started.elapsed();
+    let log = d.log()[before..].to_owned();
+    let written = log.len();
+    eprintln!("{args:?}: {} in {elapsed:?}, {written} log bytes", a.report);
+    assert!(
+        written <= log_bound(elapsed),
+        "{written} log bytes in {elapsed:?} (bound {}); {}:\n{}",
+        log_bound(elapsed),
+        a.report,
+        &log[..log.len().min(3000)]
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1536, "a {longest}-byte log line");
+    // The summary comes within 30 s (the periodic one) at the latest.
+    tokio::time::timeout(WAIT * 2, async {
+        while !d.log()[before..].contains("event=\"suppressed\"") {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a suppressed summary");
+    (log, a.report)
+}
+
+#[tokio::test]
+async fn refused_admin_calls_from_any_uid_are_within_the_log_budget() {
+    let s = Setup::new().await;
+    let (log, report) = flood_within_the_log_budget(
+        &s,
+        &s.config(),
+        STRANGER,
+        &[
+            "unary",
+            "/credbroker.admin.v1.Admin/Flush",
+            "empty",
+            "5",
+            "reuse",
+        ],
+        &[],
+    )
+    .await;
+    assert!(report["answered"].as_u64().unwrap() > 1000, "{report}");
+    assert!(log.contains("event=\"admin\""), "{log}");
+}
+
+#[tokio::test]
+async fn rate_limited_calls_are_within_the_log_budget() {
+    let s = Setup::new().await;
+    let config = s
+        .config_with(
+            "",
+            &format!(
+                "\n[[policy]]\nname = \"stranger\"\nmatch = {{ uid = {} }}\nclient = \"idp\"\nscopes = [\"scim:*\"]\n",
+                STRANGER.0
+            ),
+        )
+        .replace(
+            "[daemon]\n",
+            "[daemon]\nrate_limit = { per_minute = 1, burst = 1 }\n",
+        );
+    let (log, report) = flood_within_the_log_budget(
+        &s,
+        &config,
+        STRANGER,
+        &[
+            "unary",
+            "/credbroker.v1.TokenBroker/GetToken",
+            "varying:scim:r",
+            "5",
+            "reuse",
+        ],
+        &[],
+    )
+    .await;
+    assert!(report["answered"].as_u64().unwrap() > 1000, "{report}");
+    assert!(log.contains("event=\"error\""), "{log}");
+}
+
+#[tokio::test]
+async fn a_caller_that_reconnects_for_every_call_is_granted_once_in_the_log() {
+    let s = Setup::new().await;
+    let (log, report) = flood_within_the_log_budget_or_not(&s, NOBODY).await;
+    assert!(report["answered"].as_u64().unwrap() > 200, "{report}");
+    assert_eq!(
+        log.matches("event=\"grant\"").count(),
+        1,
+        "{}",
+        &log[..log.len().min(3000)]
+    );
+}
+
+/// Nobody reconnecting for every GetToken call: no line is over budget, so no summary is expected.
+async fn flood_within_the_log_budget_or_not(
+    s: &Setup,
+    who: (u32, u32),
+) -> (String, serde_json::Value) {
+    let d = info_daemon(s).await;
+    let before = d.log().len();
+    let a = attack(
+        &d.socket,
+        who,
+        &[
+            "unary",
+            "/credbroker.v1.TokenBroker/GetToken",
+            "scope:scim:read",
+            "3",
+            "reconnect",
+        ],
+        &[],
+    )
+    .await;
+    (d.log()[before..].to_owned(), a.report)
+}
+
+#[tokio::test]
+async fn three_hundred_uids_of_one_user_share_one_log_budget() {
+    let s = Setup::new().await;
+    // Even a policy for every caller gives a subordinate uid (no name in the user database) no budget of
+    // its own.
+    let config = s.config_with(
+        "",
+        "\n[[policy]]\nname = \"everyone\"\nmatch = { any = true }\nclient = \"idp\"\nscopes = [\"scim:read\"]\n",
+    );
+    let (log, report) = flood_within_the_log_budget(
+        &s,
+        &config,
+        (0, 0),
+        &["uids", "200000", "300", "30"],
+        &[("SCOPE", "scim:write")],
+    )
+    .await;
+    assert_eq!(report["answered"].as_u64(), Some(9000), "{report}");
+    assert!(log.contains("event=\"deny\""), "{log}");
+}
+
+/// One race of `attacker.py exec-race` as nobody, with `prior` connections queued first, while the daemon is
+/// stopped: it accepts the racing connection only after the racing process has become `prog`. The result:
+/// "granted" or "refused".
+async fn stopped_exec_race(d: &Daemon, prog: &Path, prior: usize) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("helpers/attacker.py");
+    d.signal("STOP");
+    let mut child = tokio::process::Command::new(PYTHON)
+        .arg(script)
+        .arg(&d.socket)
+        .args(["exec-race", prog.to_str().unwrap(), &prior.to_string()])
+        .env("SCOPE", "scim:write")
+        .uid(NOBODY.0)
+        .gid(NOBODY.1)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let queued = tokio::time::timeout(WAIT, lines.next_line()).await;
+    d.signal("CONT");
+    let queued = queued.expect("the racer runs in time").unwrap().unwrap();
+    assert!(queued.contains("queued"), "{queued}");
+    let result = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("a result in time")
+        .unwrap()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&result).unwrap();
+    report["result"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_connection_accepted_behind_a_queue_is_not_judged_by_its_executable() {
+    let s = Setup::new().await;
+    let sleep = std::fs::canonicalize("/usr/bin/sleep").unwrap();
+    let d = Daemon::start(&s.dir, &exe_config(&s, &sleep)).await;
+    // Behind 40 queued connections, the racing process has become the allowed program before the daemon
+    // looks: the daemon knows it looked too late, and does not judge by the executable.
+    let result = stopped_exec_race(&d, &sleep, 40).await;
+    assert_eq!(result, "refused", "{}", audit_lines(&d));
+    assert!(
+        d.log().contains("not judged: accepted behind 40 other connections"),
+        "{}",
+        audit_lines(&d)
+    );
+    // The window the daemon cannot close, for the record (and as this test's control): first in the queue, a
+    // process that has exec'd while the daemon was stopped is judged as what it became (README, threat model).
+    let result = stopped_exec_race(&d, &sleep, 0).await;
+    assert_eq!(result, "granted", "{}", audit_lines(&d));
 }

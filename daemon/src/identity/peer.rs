@@ -188,19 +188,53 @@ impl PeerCred {
         }
     }
 
-    /// Completes the identity from `/proc` and NSS. Blocking: call it off the async workers.
+    /// Reads the peer's executable: the first thing the daemon does with a new connection, right after
+    /// accepting it, because a process may `exec` another program after `connect(2)` and would be judged as
+    /// that program if the daemon looked later. `late` says how far behind the connection was accepted (see
+    /// [`Settled::late`]). Cheap and non-blocking: two `readlink`s and a `stat` in `/proc`.
+    ///
+    /// The executable cannot be read when the daemon lacks ptrace access to the peer (a non-root daemon and
+    /// a peer of another user): policies that name `exe` then do not match it.
+    pub fn settle_exe(&self, proc_root: &Path, late: Option<Late>) -> Settled {
+        let Some(pid) = self.pid else {
+            return Settled::default();
+        };
+        let dir = proc_root.join(pid.to_string());
+        let exe = std::fs::read_link(dir.join("exe")).ok();
+        let exe_id = exe.as_ref().and_then(|_| FileId::of(&dir.join("exe")).ok());
+        let namespace = |d: &Path| std::fs::read_link(d.join("ns/mnt")).ok();
+        let other_namespace = match (namespace(&dir), namespace(&proc_root.join("self"))) {
+            (Some(theirs), Some(ours)) => theirs != ours,
+            _ => false,
+        };
+        Settled {
+            exe,
+            exe_id,
+            other_namespace,
+            late,
+        }
+    }
+
+    /// Completes the identity from `/proc` and NSS, with the executable settled at accept. Blocking: call it
+    /// off the async workers.
     ///
     /// `proc_root` is `/proc` outside tests.
     ///
     /// # Errors
     /// [`PeerError`] when the peer is not visible, has exited, or `/proc/<pid>` cannot be read.
-    pub fn identify(&self, proc_root: &Path) -> Result<Caller, PeerError> {
+    pub fn identify(&self, proc_root: &Path, settled: Settled) -> Result<Caller, PeerError> {
         let pid = self.ensure_alive()?;
         let dir = proc_root.join(pid.to_string());
-        // The executable cannot be read when the daemon lacks ptrace access to the peer (a non-root daemon and
-        // a peer of another user): policies that name `exe` then do not match it.
-        let exe = std::fs::read_link(dir.join("exe")).ok();
-        let exe_id = exe.as_ref().and_then(|_| FileId::of(&dir.join("exe")).ok());
+        let Settled {
+            exe,
+            mut exe_id,
+            other_namespace,
+            late,
+        } = settled;
+        if late.is_some() {
+            // Read too long after connect(2) to tell what the process was then: no exe policy may match.
+            exe_id = None;
+        }
         let cgroup = std::fs::read_to_string(dir.join("cgroup"))
             .map_err(|source| PeerError::Proc { pid, source })?;
         if self.pinned_late {
@@ -238,6 +272,11 @@ impl PeerCred {
             groups,
             exe,
             exe_id,
+            exe_note: match (late, other_namespace) {
+                (Some(late), _) => Some(ExeNote::Late(late)),
+                (None, true) => Some(ExeNote::OtherNamespace),
+                (None, false) => None,
+            },
             unit: unit_from_cgroup(&cgroup),
         })
     }
@@ -261,6 +300,50 @@ impl PeerCred {
             self.ensure_alive()?;
         }
         Ok(())
+    }
+}
+
+/// The executable of a new connection's peer, read right after accept.
+#[derive(Clone, Debug, Default)]
+pub struct Settled {
+    exe: Option<PathBuf>,
+    exe_id: Option<FileId>,
+    other_namespace: bool,
+    late: Option<Late>,
+}
+
+/// How far behind a connection was accepted, when too far for its executable to be judged: it was queued
+/// behind `behind` others (or accepted `after` the first of them), so the process may have called `exec`
+/// between its `connect(2)` and the daemon's look at `/proc/<pid>/exe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Late {
+    /// Connections accepted before it since the queue was last empty.
+    pub behind: usize,
+    /// Time since the first of them was accepted.
+    pub after: Duration,
+}
+
+/// What a caller's executable path cannot be taken for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExeNote {
+    /// The path is as the process sees it in its own mount namespace: it may name another file in the
+    /// daemon's (policies compare files, by device and inode, so the decision is right; the path may not be).
+    OtherNamespace,
+    /// Read too late to be judged (see [`Late`]): policies that name `exe` do not match.
+    Late(Late),
+}
+
+impl fmt::Display for ExeNote {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OtherNamespace => write!(f, "as seen in another mount namespace"),
+            Self::Late(l) => write!(
+                f,
+                "not judged: accepted behind {} other connections, {} ms after the first; connect again",
+                l.behind,
+                l.after.as_millis()
+            ),
+        }
     }
 }
 
@@ -346,9 +429,11 @@ pub struct Caller {
     pub groups: Vec<String>,
     /// `/proc/<pid>/exe`, if readable.
     pub exe: Option<PathBuf>,
-    /// The identity of the executable file at accept, if readable. Policies match `exe` on this, never on the
-    /// path string.
+    /// The identity of the executable file at accept, if readable and read in time. Policies match `exe` on
+    /// this, never on the path string.
     pub exe_id: Option<FileId>,
+    /// What `exe` cannot be taken for, if anything.
+    pub exe_note: Option<ExeNote>,
     /// The systemd unit the process runs in, if any.
     pub unit: Option<String>,
 }
@@ -371,6 +456,9 @@ impl fmt::Display for Caller {
                 crate::text::clip_escaped(&exe.to_string_lossy())
             )?,
             None => write!(f, " exe=?")?,
+        }
+        if let Some(note) = &self.exe_note {
+            write!(f, " ({note})")?;
         }
         if let Some(unit) = &self.unit {
             write!(f, " unit=\"{}\"", crate::text::clip_escaped(unit))?;
@@ -420,6 +508,7 @@ impl Caller {
             groups,
             exe,
             exe_id,
+            exe_note: None,
             unit,
         };
         (caller, notes)
@@ -518,10 +607,11 @@ mod tests {
         let (a, _b) = UnixStream::pair().unwrap();
         let mut cred = PeerCred::from_stream(&a).unwrap();
         cred.pinned_late = true;
-        assert!(cred.identify(Path::new("/proc")).is_ok());
+        let proc = Path::new("/proc");
+        assert!(cred.identify(proc, cred.settle_exe(proc, None)).is_ok());
         cred.uid += 1;
         assert!(matches!(
-            cred.identify(Path::new("/proc")),
+            cred.identify(proc, cred.settle_exe(proc, None)),
             Err(PeerError::Replaced { .. })
         ));
     }
@@ -530,7 +620,9 @@ mod tests {
     async fn identifies_this_process_over_a_socketpair() {
         let (a, _b) = UnixStream::pair().unwrap();
         let cred = PeerCred::from_stream(&a).unwrap();
-        let caller = cred.identify(Path::new("/proc")).unwrap();
+        let proc = Path::new("/proc");
+        let caller = cred.identify(proc, cred.settle_exe(proc, None)).unwrap();
+        assert_eq!(caller.exe_note, None, "the same mount namespace");
         assert_eq!(caller.pid, std::process::id() as i32);
         assert_eq!(caller.exe, Some(std::env::current_exe().unwrap()));
         assert_eq!(
@@ -548,5 +640,13 @@ mod tests {
             cred.check_exe(&other, Path::new("/proc")),
             Err(PeerError::ExeChanged { .. })
         ));
+        // Read too late after accept: the path is kept for the record, but no exe policy may match.
+        let late = Late {
+            behind: 40,
+            after: Duration::from_millis(3),
+        };
+        let caller = cred.identify(proc, cred.settle_exe(proc, Some(late))).unwrap();
+        assert_eq!(caller.exe_id, None);
+        assert!(caller.to_string().contains("not judged: accepted behind 40"), "{caller}");
     }
 }

@@ -511,6 +511,7 @@ mod tests {
             groups: groups.iter().map(|g| g.1.to_owned()).collect(),
             exe: Some(PathBuf::from(exe)),
             exe_id: FileId::of(Path::new(exe)).ok(),
+            exe_note: None,
             unit: Some("billing.service".to_owned()),
         }
     }

@@ -12,7 +12,6 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::Reloader;
-use crate::audit;
 use crate::identity::peer::{self, Caller, PeerCred};
 use crate::policy::scope::ScopeSet;
 use crate::serve::conn::Connection;
@@ -56,14 +55,17 @@ impl AdminService {
 
     /// The caller, if the kernel identifies it as an admin; audits the call either way.
     fn admin<T>(&self, call: &'static str, request: &Request<T>) -> Result<Arc<Caller>, Status> {
-        let caller = request
+        let conn = request
             .extensions()
             .get::<Arc<Connection>>()
-            .ok_or_else(|| Status::unauthenticated("not a Unix socket peer"))?
+            .ok_or_else(|| Status::unauthenticated("not a Unix socket peer"))?;
+        let caller = conn
             .caller()
             .map_err(|e| Status::unauthenticated(format!("cannot identify the caller: {e}")))?;
         let allowed = self.broker.is_admin(&caller);
-        audit::admin(&caller, call, allowed);
+        self.broker
+            .audit
+            .admin(conn.log_key(), &caller, call, allowed);
         if allowed {
             Ok(caller)
         } else {
@@ -386,7 +388,7 @@ fn explain(broker: &Broker, r: pb::ExplainRequest) -> Result<pb::ExplainResponse
                 ));
             }
             let caller = PeerCred::of_process(pid, &proc_root)
-                .and_then(|cred| cred.identify(&proc_root))
+                .and_then(|cred| cred.identify(&proc_root, cred.settle_exe(&proc_root, None)))
                 .map_err(|e| invalid(format!("cannot identify pid {pid}: {e}")))?;
             let mut notes = Vec::new();
             if caller.exe_id.is_none() {

@@ -1,6 +1,6 @@
 //! One accepted connection: the identity the kernel reported for its peer (settled at accept, before any byte
-//! of the connection is read), the budgets it counts against, when it was last active, and its grant
-//! bookkeeping for the audit log.
+//! of the connection is read), the budgets it counts against (connections, calls, reply bytes, log lines),
+//! and when it was last active.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::audit::GrantLog;
+use crate::audit::LogKey;
 use crate::identity::peer::{Caller, PeerCred, PeerError};
+use crate::serve::governor::ReplyBudget;
 
 /// A peer's identity as settled at accept.
 pub struct Identity {
@@ -28,8 +29,10 @@ pub struct Connection {
     /// two).
     calls: Vec<Arc<Semaphore>>,
     activity: Activity,
-    /// Grants made on this connection, for the audit log.
-    pub grants: GrantLog,
+    /// Reply bytes handed to the protocol layer and not yet written.
+    replies: ReplyBudget,
+    /// The line budget of what its calls log.
+    log_key: LogKey,
 }
 
 /// When a connection was last busy.
@@ -65,7 +68,11 @@ impl Activity {
 impl Connection {
     /// State for a connection whose peer was identified (or could not be), counting its calls against
     /// each of `calls`.
-    pub fn new(identity: Result<Identity, PeerError>, calls: Vec<Arc<Semaphore>>) -> Self {
+    pub fn new(
+        identity: Result<Identity, PeerError>,
+        calls: Vec<Arc<Semaphore>>,
+        log_key: LogKey,
+    ) -> Self {
         Self {
             identity: identity.map_err(|e| e.to_string()),
             calls,
@@ -75,8 +82,19 @@ impl Connection {
                 in_flight: AtomicUsize::new(0),
                 called: AtomicBool::new(false),
             },
-            grants: GrantLog::default(),
+            replies: ReplyBudget::default(),
+            log_key,
         }
+    }
+
+    /// The line budget of what its calls log.
+    pub fn log_key(&self) -> LogKey {
+        self.log_key
+    }
+
+    /// The connection's reply bytes in flight (see [`crate::serve::governor`]).
+    pub fn replies(&self) -> &ReplyBudget {
+        &self.replies
     }
 
     fn identity(&self) -> Result<&Identity, PeerError> {

@@ -1,13 +1,18 @@
 //! The Prometheus endpoint: `GET /metrics` on `daemon.metrics` (off by default), in the text format 0.0.4.
 //!
-//! A TCP listener sees no peer uid, so it gets its own small bounds: at most [`MAX_CONNECTIONS`] at once
-//! (more are closed at accept), [`HEADER_TIMEOUT`] to send a request head of at most [`MAX_HEAD`] bytes, one
-//! request per connection, and [`CONNECTION_TIMEOUT`] for the whole exchange. It serves nothing but the
-//! metrics, which hold no token, secret, scope or uid.
+//! A TCP listener sees no peer uid, so it gets its own small bounds: at most [`MAX_CONNECTIONS`] at once,
+//! [`HEADER_TIMEOUT`] to send a request head of at most [`MAX_HEAD`] bytes, one request per connection, and
+//! [`CONNECTION_TIMEOUT`] for the whole exchange. When every slot is taken, a new connection takes the slot of
+//! the oldest one that has not sent its request yet (and closes it): a scraper sends its request at once, so
+//! connections that sit silent cannot keep it out, however fast they are reopened. Only when every slot is
+//! serving a request is a new connection closed at accept. It serves nothing but the metrics, which hold no
+//! token, secret, scope or uid.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,16 +20,15 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::serve::limits::{Bucket, Budgets};
 use crate::serve::service::Broker;
 use crate::telemetry::{self, Levels};
 
-/// Scrapes served at once.
-pub const MAX_CONNECTIONS: usize = 8;
+/// Connections held at once.
+pub const MAX_CONNECTIONS: usize = 32;
 /// Time to send the request head.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time for the whole connection.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest request head read.
@@ -38,10 +42,21 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// A connection holding a slot.
+struct Slot {
+    id: u64,
+    /// Set once its request head has been read.
+    asked: Arc<AtomicBool>,
+    task: tokio::task::AbortHandle,
+}
+
+/// The slots, oldest connection first.
+type Slots = Arc<Mutex<VecDeque<Slot>>>;
+
 /// Serves scrapes on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>, budgets: Arc<Budgets>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
+    let slots: Slots = Arc::default();
+    for id in 0u64.. {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -50,27 +65,60 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, budgets: Arc<Budg
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Over the cap: closed at once, unread.
-            continue;
-        };
-        let (broker, budgets) = (broker.clone(), budgets.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = respond(&request, &broker, &budgets);
-                    async move { Ok::<_, Infallible>(response) }
-                });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        let mut held = slots.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= MAX_CONNECTIONS {
+            // The oldest connection that has not asked yet gives its slot up; if all are being served, the
+            // new one is closed at once, unread.
+            match held.iter().position(|s| !s.asked.load(Ordering::Acquire)) {
+                Some(i) => {
+                    if let Some(evicted) = held.remove(i) {
+                        evicted.task.abort();
+                    }
+                }
+                None => continue,
+            }
+        }
+        let asked = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(scrape(
+            stream,
+            broker.clone(),
+            budgets.clone(),
+            asked.clone(),
+            (slots.clone(), id),
+        ));
+        // Still under the lock: the task cannot end and look for its slot before it is there.
+        held.push_back(Slot {
+            id,
+            asked,
+            task: task.abort_handle(),
         });
     }
+}
+
+/// Serves one connection, then frees its slot.
+async fn scrape(
+    stream: tokio::net::TcpStream,
+    broker: Arc<Broker>,
+    budgets: Arc<Budgets>,
+    asked: Arc<AtomicBool>,
+    (slots, id): (Slots, u64),
+) {
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        asked.store(true, Ordering::Release);
+        let response = respond(&request, &broker, &budgets);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+    slots
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|s| s.id != id);
 }
 
 fn respond(

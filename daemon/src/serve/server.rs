@@ -30,8 +30,10 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::identity::peer::{FileId, PeerCred, PeerError};
+use crate::audit::LogKey;
+use crate::identity::peer::{FileId, Late, PeerCred, PeerError, Settled};
 use crate::serve::conn::{Connection, Identity};
+use crate::serve::governor::{Governed, GovernorLayer, WriteMeter};
 use crate::serve::limits::{Bucket, Budgets, Limits, Permit};
 use crate::serve::service::Broker;
 use crate::sys;
@@ -59,10 +61,12 @@ pub enum BindError {
     /// Something other than a socket is at the path.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    /// Others could rename entries in the socket's directory.
+    /// Others could add, rename or remove entries in the socket's directory.
     #[error(
-        "{path} (owner uid {uid}, mode {mode:04o}) must belong to root or the daemon's user and not be \
-         writable by others (or be sticky): others could swap the socket for a link"
+        "{path} (owner uid {uid}, mode {mode:04o}) must belong to root or the daemon's user and be writable \
+         by its owner only: others could swap the socket for a link or, even where the directory is sticky \
+         (like /tmp), bind the socket's name first; use a directory of the daemon's own, such as \
+         /run/credbroker"
     )]
     UnsafeDirectory {
         /// The directory.
@@ -88,8 +92,9 @@ pub enum BindError {
 /// Binds the daemon's socket at `path` with permission bits `mode` and, if given, group `gid`.
 ///
 /// A missing parent directory is created (mode 0755). The directory must belong to root or the daemon's
-/// user and not be writable by others (unless sticky), so nobody else can swap the socket's path for a link
-/// between the bind and the `lchown`. The mode is set atomically by the umask at bind (call this before
+/// user and be writable by its owner only, so nobody else can swap the socket's path for a link between the
+/// bind and the `lchown`, nor take the socket's name first (a sticky directory such as `/tmp` would let
+/// any user bind it before the daemon starts). The mode is set atomically by the umask at bind (call this before
 /// other threads start). A stale socket left by a previous run is replaced; a socket someone is still
 /// serving, or a file that is not a socket, is not.
 ///
@@ -147,7 +152,7 @@ pub fn bind(
     ))
 }
 
-/// Refuses a socket directory that someone other than root and the daemon's user could rearrange.
+/// Refuses a socket directory that someone other than root and the daemon's user could add entries to.
 fn check_socket_dir(dir: &Path) -> Result<(), BindError> {
     let handle = std::fs::OpenOptions::new()
         .read(true)
@@ -164,8 +169,7 @@ fn check_socket_dir(dir: &Path) -> Result<(), BindError> {
         source,
     })?;
     let mode = meta.mode();
-    let sticky = mode & libc::S_ISVTX != 0;
-    if (meta.uid() != 0 && meta.uid() != sys::euid()) || (mode & 0o022 != 0 && !sticky) {
+    if (meta.uid() != 0 && meta.uid() != sys::euid()) || mode & 0o022 != 0 {
         return Err(BindError::UnsafeDirectory {
             path: dir.to_owned(),
             uid: meta.uid(),
@@ -218,6 +222,8 @@ struct PeerStream {
     /// The first bytes, read to tell the protocol, and how many of them have been replayed.
     head: ([u8; H2_PREFACE.len()], usize, usize),
     conn: Arc<Connection>,
+    /// Counts the reply bytes written, for the connection's reply budget.
+    meter: WriteMeter,
     _watchdog: AbortOnDrop,
     _permits: Vec<Permit>,
     _global: OwnedSemaphorePermit,
@@ -283,13 +289,23 @@ impl AsyncRead for PeerStream {
     }
 }
 
+impl PeerStream {
+    /// Gives the connection's reply budget back the reply bytes among `written`.
+    fn written<'a>(&mut self, written: impl Iterator<Item = &'a [u8]>) {
+        let replies: usize = written.map(|b| self.meter.reply_bytes(b)).sum();
+        self.conn.replies().written(replies);
+    }
+}
+
 impl AsyncWrite for PeerStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+        self.written(std::iter::once(&buf[..n]));
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -305,7 +321,14 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let n = std::task::ready!(Pin::new(&mut self.io).poll_write_vectored(cx, bufs))?;
+        let mut left = n;
+        self.written(bufs.iter().map_while(|b| {
+            let take = left.min(b.len());
+            left -= take;
+            (take > 0).then(|| &b[..take])
+        }));
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -387,12 +410,52 @@ impl From<UnixListener> for Incoming {
 }
 
 impl Incoming {
-    /// The next connection, or `None` when no more will come.
-    async fn next(&mut self) -> Option<io::Result<UnixStream>> {
+    /// The next connection, or `None` when no more will come; with whether the daemon found no connection
+    /// waiting before this one came (so it was accepted as soon as it arrived).
+    async fn next(&mut self) -> Option<(io::Result<UnixStream>, bool)> {
         match self {
-            Self::Listener(listener) => Some(listener.accept().await.map(|(io, _)| io)),
-            Self::Connected(rx) => rx.recv().await.map(Ok),
+            Self::Listener(listener) => {
+                let mut waited = false;
+                let accepted = std::future::poll_fn(|cx| {
+                    let p = listener.poll_accept(cx);
+                    waited |= p.is_pending();
+                    p
+                })
+                .await;
+                Some((accepted.map(|(io, _)| io), waited))
+            }
+            Self::Connected(rx) => rx.recv().await.map(|io| (Ok(io), true)),
         }
+    }
+}
+
+/// Connections accepted back to back (the queue never empty in between) after which a peer's executable is
+/// no longer judged: the process may have called `exec` between its `connect(2)` and the daemon's look.
+pub const EXE_QUEUE_BOUND: usize = 16;
+/// Time after the first of such a run of connections beyond which the same holds.
+pub const EXE_LAG_BOUND: Duration = Duration::from_millis(2);
+
+/// Tells how far behind the queue the daemon is when it accepts a connection.
+#[derive(Default)]
+struct Backlog {
+    /// Connections accepted since the queue was last found empty, and when the first of them was.
+    run: usize,
+    since: Option<Instant>,
+}
+
+impl Backlog {
+    /// Counts a connection accepted now (`waited`: the queue was empty before it); `Some` when it came too
+    /// late for its executable to be judged.
+    fn accepted(&mut self, waited: bool) -> Option<Late> {
+        let now = Instant::now();
+        if waited || self.since.is_none() {
+            self.run = 0;
+            self.since = Some(now);
+        }
+        let behind = self.run;
+        self.run += 1;
+        let after = now.saturating_duration_since(self.since.unwrap_or(now));
+        (behind > EXE_QUEUE_BOUND || after > EXE_LAG_BOUND).then_some(Late { behind, after })
     }
 }
 
@@ -414,15 +477,17 @@ async fn accept_loop(
     tx: mpsc::Sender<Result<PeerStream, io::Error>>,
 ) {
     let limits = *acceptor.budgets.limits();
+    let proc_root = acceptor.broker.proc_root();
+    let mut backlog = Backlog::default();
     loop {
         let accepted = tokio::select! {
             a = incoming.next() => a,
             () = tx.closed() => return,
         };
-        let io = match accepted {
+        let (io, waited) = match accepted {
             None => return,
-            Some(Ok(io)) => io,
-            Some(Err(e)) => {
+            Some((Ok(io), waited)) => (io, waited),
+            Some((Err(e), _)) => {
                 tracing::warn!(error = %e, "accept failed; retrying shortly");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -441,14 +506,21 @@ async fn accept_loop(
                 continue;
             }
         };
+        let late = backlog.accepted(waited);
         let Some(uid_permit) = acceptor.budgets.connection(Bucket::Uid(uid)) else {
             acceptor.refused.count(Refused::Uid, &limits, Some(uid));
             continue;
         };
+        // Before anything else: pin the process and read its executable, so a process that `exec`s after
+        // connecting has as little time as can be to pass for what it became.
+        let settled = PeerCred::from_stream(&io).map(|cred| {
+            let settled = cred.settle_exe(&proc_root, late);
+            (cred, settled)
+        });
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         tokio::spawn(async move {
             let deadline = Instant::now() + limits.handshake_timeout;
-            let handshake = handshake(io, uid, &acceptor, vec![uid_permit], global);
+            let handshake = handshake(io, settled, uid, &acceptor, vec![uid_permit], global);
             match tokio::time::timeout_at(deadline, handshake).await {
                 Ok(Ok((stream, Protocol::Http2))) => {
                     let _ = tx.send(Ok(stream)).await;
@@ -466,19 +538,21 @@ async fn accept_loop(
     }
 }
 
-/// Settles a new connection's identity, counts it against its budgets and reads its HTTP/2 preface.
+/// Completes a new connection's identity (its executable was settled at accept), counts it against its
+/// budgets and reads its HTTP/2 preface.
 async fn handshake(
     mut io: UnixStream,
+    settled: Result<(PeerCred, Settled), PeerError>,
     uid: u32,
     acceptor: &Acceptor,
     mut permits: Vec<Permit>,
     global: OwnedSemaphorePermit,
 ) -> Result<(PeerStream, Protocol), Refused> {
-    let identity = match PeerCred::from_stream(&io) {
-        Ok(cred) => {
+    let identity = match settled {
+        Ok((cred, settled)) => {
             let (cred, proc_root) = (Arc::new(cred), acceptor.broker.proc_root());
             let c = cred.clone();
-            match tokio::task::spawn_blocking(move || c.identify(&proc_root)).await {
+            match tokio::task::spawn_blocking(move || c.identify(&proc_root, settled)).await {
                 Ok(Ok(caller)) => Ok(Identity {
                     cred,
                     caller: Arc::new(caller),
@@ -524,7 +598,11 @@ async fn handshake(
     };
     let limits = *acceptor.budgets.limits();
     let calls = permits.iter().map(Permit::calls).collect();
-    let conn = Arc::new(Connection::new(identity, calls));
+    let log_key = match &identity {
+        Ok(id) => LogKey::of(&id.caller, matched),
+        Err(_) => LogKey::Pooled,
+    };
+    let conn = Arc::new(Connection::new(identity, calls, log_key));
     let socket = io
         .as_fd()
         .try_clone_to_owned()
@@ -534,6 +612,7 @@ async fn handshake(
         io,
         head: (head, len, 0),
         conn,
+        meter: WriteMeter::new(protocol == Protocol::Http2),
         _watchdog: AbortOnDrop(watchdog),
         _permits: permits,
         _global: global,
@@ -565,9 +644,10 @@ async fn serve_http1(
     use std::sync::atomic::AtomicUsize;
     let conn = stream.conn.clone();
     let served = Arc::new(AtomicUsize::new(0));
-    let limited = CallLimit { inner: api };
+    let limited = Governed::new(api);
     let service =
-        hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let mut request = request.map(tonic::body::Body::new);
             request.extensions_mut().insert(conn.clone());
             let mut limited = limited.clone();
             let last = served.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_HTTP1_REQUESTS;
@@ -605,63 +685,6 @@ async fn serve_http1(
     }
 }
 
-/// Counts each call against its connection's budgets: a call over its user's budget waits, unread, until
-/// one of that user's calls finishes (or the call's deadline passes).
-#[derive(Clone)]
-pub struct CallLimit<S> {
-    inner: S,
-}
-
-/// The [`tower::Layer`] of [`CallLimit`].
-#[derive(Clone, Copy, Default)]
-pub struct CallLimitLayer;
-
-impl<S> tower::Layer<S> for CallLimitLayer {
-    type Service = CallLimit<S>;
-
-    fn layer(&self, inner: S) -> CallLimit<S> {
-        CallLimit { inner }
-    }
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for CallLimit<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let conn = request.extensions().get::<Arc<Connection>>().cloned();
-        // Ready now (poll_ready said so); the call itself runs once a slot is free.
-        let inner = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, inner);
-        Box::pin(async move {
-            let call = match &conn {
-                Some(conn) => Some(conn.start_call().await),
-                None => None,
-            };
-            let mut inner = inner;
-            let r = inner.call(request).await;
-            drop(call);
-            r
-        })
-    }
-}
-
 /// The gRPC server settings the daemon serves with: at most [`MAX_STREAMS_PER_CONNECTION`] concurrent calls
 /// per connection, small HTTP/2 flow-control windows ([`STREAM_WINDOW`], [`CONNECTION_WINDOW`]) and header
 /// lists ([`MAX_HEADER_LIST`]) so a connection buffers little, HTTP/2 keep-alives, and a 120 s bound on any
@@ -695,13 +718,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     // Reflection in both versions: grpcurl asks v1 first; Python's grpcio-reflection and older tools know only
     // v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(credbroker_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-    let reflection = reflection().build_v1()?;
+    let reflection = crate::serve::reflection::Reflection::new(crate::serve::reflection::index()?);
     let (tx, rx) = mpsc::channel(64);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let shutdown = async move {
@@ -721,11 +738,11 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_LEN)
         .max_encoding_message_size(MAX_RESPONSE_LEN);
     let result = builder()
-        .layer(CallLimitLayer)
+        .layer(GovernorLayer)
         .add_service(service)
         .add_service(health)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
+        .add_service(crate::serve::reflection::v1::server(reflection.clone()))
+        .add_service(crate::serve::reflection::v1alpha::server(reflection))
         .add_service(http_api)
         .add_service(
             credbroker_proto::admin::admin_server::AdminServer::new(admin)

@@ -163,8 +163,8 @@ pub struct Broker {
     proc_root: Arc<Path>,
     health: Health,
     started: (SystemTime, Instant),
-    /// Denials logged per uid up to a rate.
-    pub denials: audit::Denials,
+    /// The audit trail, with its per-uid line budgets.
+    pub audit: audit::Audit,
 }
 
 impl Broker {
@@ -202,7 +202,7 @@ impl Broker {
             proc_root: proc_root.into(),
             health,
             started: (SystemTime::now(), Instant::now()),
-            denials: audit::Denials::default(),
+            audit: audit::Audit::default(),
         }
     }
 
@@ -406,16 +406,21 @@ impl Broker {
         let (conn, caller) = match self.caller(&request).await {
             Ok(c) => c,
             Err(e) => {
+                let key = request
+                    .extensions()
+                    .get::<Arc<Connection>>()
+                    .map_or(audit::LogKey::Pooled, |c| c.log_key());
                 let r = request.get_ref();
-                self.denials.denied(None, &r.client, &r.scopes, &e);
+                self.audit.denied(key, None, &r.client, &r.scopes, &e);
                 return Err(e);
             }
         };
+        let log = conn.log_key();
         let req = request.into_inner();
         let state = self.state();
         let deny = |e: Error| {
-            self.denials
-                .denied(Some(&caller), &req.client, &req.scopes, &e);
+            self.audit
+                .denied(log, Some(&caller), &req.client, &req.scopes, &e);
             e
         };
         if req.client.len() > MAX_CLIENT_NAME {
@@ -451,7 +456,13 @@ impl Broker {
             client: client.name.as_str().into(),
             scopes: scopes.clone(),
         };
-        let admit = || state.limiter.try_acquire(caller.uid, Instant::now());
+        let admit = || {
+            let admitted = state.limiter.try_acquire(caller.uid, Instant::now());
+            if admitted.is_err() {
+                telemetry::metrics().rate_limited();
+            }
+            admitted
+        };
         let (token, source) = self
             .cache
             .get(&key, min_ttl, admit)
@@ -461,7 +472,7 @@ impl Broker {
                     client: client.name.clone(),
                     source,
                 };
-                audit::failed(&caller, &client.name, &scopes, &e);
+                self.audit.failed(log, &caller, &client.name, &scopes, &e);
                 e
             })?;
         let now = Instant::now();
@@ -472,16 +483,20 @@ impl Broker {
                 min_ttl: min_ttl.required(token.lifetime),
             }));
         }
-        conn.grants.record(&audit::Grant {
-            caller: &caller,
-            client: &client.name,
-            requested: &scopes,
-            granted: &token.granted,
-            policies: &allowed.policies,
-            source,
-            fingerprint: token.fingerprint,
-            credential: token.credential.as_deref(),
-        });
+        self.audit.granted(
+            log,
+            &audit::Grant {
+                caller: &caller,
+                client: &client.name,
+                requested: &scopes,
+                granted: &token.granted,
+                policies: &allowed.policies,
+                source,
+                fingerprint: token.fingerprint,
+                expires: token.expires_at,
+                credential: token.credential.as_deref(),
+            },
+        );
         Ok(pb::GetTokenResponse {
             access_token: token.access_token.expose_secret().to_owned(),
             token_type: token.token_type.clone(),

@@ -118,7 +118,6 @@ impl RateLimiter {
                 at: now,
                 rejected: b.rejected + 1,
             };
-            crate::telemetry::metrics().rate_limited();
             let per_sec = f64::from(self.rate.per_minute) / 60.0;
             Err(Duration::from_secs_f64((1.0 - tokens) / per_sec))
         }
