@@ -292,8 +292,16 @@ pub(crate) fn explain_text(e: &admin::ExplainResponse) -> String {
     let _ = write!(
         out,
         "\n         exe {}, unit {}\n",
-        if c.exe.is_empty() { "-".into() } else { shown(&c.exe) },
-        if c.unit.is_empty() { "-".into() } else { shown(&c.unit) }
+        if c.exe.is_empty() {
+            "-".into()
+        } else {
+            shown(&c.exe)
+        },
+        if c.unit.is_empty() {
+            "-".into()
+        } else {
+            shown(&c.unit)
+        }
     );
     for note in &e.notes {
         let _ = writeln!(out, "note:    {}", shown(note));
@@ -381,7 +389,8 @@ mod tests {
         let e = admin::ExplainResponse {
             caller: Some(admin::Caller {
                 uid: 1000,
-                exe: "/tmp/x\ndecision: allowed (client idp, by root-all)\u{1b}[2K\u{202e}".to_owned(),
+                exe: "/tmp/x\ndecision: allowed (client idp, by root-all)\u{1b}[2K\u{202e}"
+                    .to_owned(),
                 unit: "u\r.service".to_owned(),
                 ..Default::default()
             }),
@@ -390,8 +399,15 @@ mod tests {
             ..Default::default()
         };
         let text = explain_text(&e);
-        assert_eq!(text.lines().filter(|l| l.starts_with("decision")).count(), 1, "{text}");
-        assert!(!text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{202e}'), "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("decision")).count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\r') && !text.contains('\u{202e}'),
+            "{text}"
+        );
         assert!(text.contains("/tmp/x\\ndecision: allowed"), "{text}");
     }
 }

@@ -101,19 +101,18 @@ pub fn walk(path: &Path) -> Result<Walked, WalkError> {
     let mut controllers: BTreeSet<(u32, PathBuf)> = BTreeSet::new();
     let mut links = 0;
     // Once someone untrusted controls the walk, every failure is reported alike.
-    let fail = |controllers: &BTreeSet<(u32, PathBuf)>, source: std::io::Error, at: &Path| match controllers
-        .iter()
-        .next()
-    {
-        Some((uid, dir)) => WalkError::Foreign {
-            path: path.to_owned(),
-            controller: *uid,
-            dir: dir.clone(),
-        },
-        None => WalkError::Io {
-            path: at.to_owned(),
-            source,
-        },
+    let fail = |controllers: &BTreeSet<(u32, PathBuf)>, source: std::io::Error, at: &Path| {
+        match controllers.iter().next() {
+            Some((uid, dir)) => WalkError::Foreign {
+                path: path.to_owned(),
+                controller: *uid,
+                dir: dir.clone(),
+            },
+            None => WalkError::Io {
+                path: at.to_owned(),
+                source,
+            },
+        }
     };
     loop {
         let Some(name) = pending.pop_front() else {
@@ -269,7 +268,16 @@ mod tests {
             let l = agent.path().join(format!("l{i}"));
             symlink(target, &l).unwrap();
             let e = walk(&l).unwrap_err();
-            assert!(matches!(e, WalkError::Foreign { controller: 12346, .. }), "{e}");
+            assert!(
+                matches!(
+                    e,
+                    WalkError::Foreign {
+                        controller: 12346,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
             messages.push(e.to_string().replace(&format!("l{i}"), "L"));
         }
         assert!(messages.windows(2).all(|w| w[0] == w[1]), "{messages:?}");
@@ -310,7 +318,13 @@ mod tests {
         let l = sticky.path().join("l");
         symlink("/etc/shadow", &l).unwrap();
         std::os::unix::fs::lchown(&l, Some(12346), Some(12346)).unwrap();
-        assert!(matches!(walk(&l), Err(WalkError::Foreign { controller: 12346, .. })));
+        assert!(matches!(
+            walk(&l),
+            Err(WalkError::Foreign {
+                controller: 12346,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -776,7 +776,8 @@ async fn a_connection_accepted_behind_a_queue_is_not_judged_by_its_executable() 
     let result = stopped_exec_race(&d, &sleep, 40).await;
     assert_eq!(result, "refused", "{}", audit_lines(&d));
     assert!(
-        d.log().contains("not judged: accepted behind 40 other connections"),
+        d.log()
+            .contains("not judged: accepted behind 40 other connections"),
         "{}",
         audit_lines(&d)
     );

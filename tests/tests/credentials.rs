@@ -429,3 +429,94 @@ async fn private_key_jwt_with_a_certificate_carries_its_thumbprint_and_must_matc
         "{text}"
     );
 }
+
+/// A directory owned by `uid` (mode 0755) under `root`.
+fn dir_of(root: &Path, name: &str, uid: u32) -> std::path::PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+    dir
+}
+
+/// Writes `content` to `path`, owned by `uid`, mode 0600.
+fn file_of(path: &Path, content: &str, uid: u32) {
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_cannot_make_the_daemon_read_what_it_could_not_read_itself() {
+    let (agent, victim) = (12346, 12347);
+    let s = Setup::new().await;
+    let hour = SystemTime::now() + Duration::from_secs(3600);
+    let (own, theirs) = (jwt(hour, "agent"), jwt(hour, "victim"));
+    let agent_dir = dir_of(s.dir.path(), "agent", agent);
+    let victim_dir = dir_of(s.dir.path(), "victim", victim);
+    file_of(&agent_dir.join("jwt.real"), &own, agent);
+    file_of(&victim_dir.join("jwt"), &theirs, victim);
+    let root_owned = s.dir.path().join("root-owned.jwt");
+    file_of(&root_owned, &theirs, 0);
+    let link = agent_dir.join("jwt");
+    std::os::unix::fs::symlink(agent_dir.join("jwt.real"), &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(agent), Some(agent)).unwrap();
+    let config = assertion_config(&s, &link);
+
+    // The agent's link to its own file: fine.
+    let out = check_config(&s.dir, &config).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // Pointed at another user's file, root's files, another client's secret, the daemon's environment, or
+    // nothing at all: refused alike, without telling whether the target exists.
+    let mut errors = Vec::new();
+    for target in [
+        victim_dir.join("jwt"),
+        std::path::PathBuf::from("/etc/shadow"),
+        root_owned.clone(),
+        s.dir.path().join("idp.secret"),
+        std::path::PathBuf::from("/proc/1/environ"),
+        victim_dir.join("missing"),
+    ] {
+        let relinked = agent_dir.join("jwt.new");
+        std::os::unix::fs::symlink(&target, &relinked).unwrap();
+        std::fs::rename(&relinked, &link).unwrap();
+        let out = check_config(&s.dir, &config).await;
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{}: {}",
+            target.display(),
+            stdout(&out)
+        );
+        let err = stderr(&out);
+        assert!(err.contains("clients.idp.client_assertion"), "{err}");
+        assert!(
+            err.contains(&format!("uid {agent} can change where it leads")),
+            "{err}"
+        );
+        errors.push(err);
+    }
+    assert!(errors.windows(2).all(|w| w[0] == w[1]), "{errors:#?}");
+
+    // At fetch time too: the daemon reads the assertion again before each fetch, and a link switched to the
+    // victim's file is not followed. The IdP never sees the victim's assertion.
+    let relinked = agent_dir.join("jwt.new");
+    std::os::unix::fs::symlink(agent_dir.join("jwt.real"), &relinked).unwrap();
+    std::fs::rename(&relinked, &link).unwrap();
+    s.idp.set_secret("broker", &own);
+    let d = Daemon::start(&s.dir, &config).await;
+    let mut c = d.client().await;
+    token_text(&mut c, &["scim:read"]).await;
+    let relinked = agent_dir.join("jwt.new");
+    std::os::unix::fs::symlink(victim_dir.join("jwt"), &relinked).unwrap();
+    std::fs::rename(&relinked, &link).unwrap();
+    let out = d.cli(None, &["token", "scim:write"]).await;
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(
+        !s.idp.requests().iter().any(|r| r
+            .params
+            .contains(&("client_assertion".to_owned(), theirs.clone()))),
+        "the IdP received the victim's assertion"
+    );
+}

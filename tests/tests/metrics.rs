@@ -181,7 +181,9 @@ async fn metrics_pass_promtool_and_follow_the_calls() {
 
 /// Open descriptors of a process.
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 #[tokio::test]

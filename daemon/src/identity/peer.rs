@@ -645,8 +645,15 @@ mod tests {
             behind: 40,
             after: Duration::from_millis(3),
         };
-        let caller = cred.identify(proc, cred.settle_exe(proc, Some(late))).unwrap();
+        let caller = cred
+            .identify(proc, cred.settle_exe(proc, Some(late)))
+            .unwrap();
         assert_eq!(caller.exe_id, None);
-        assert!(caller.to_string().contains("not judged: accepted behind 40"), "{caller}");
+        assert!(
+            caller
+                .to_string()
+                .contains("not judged: accepted behind 40"),
+            "{caller}"
+        );
     }
 }
