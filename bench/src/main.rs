@@ -696,6 +696,9 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Attacking processes: each a uid and `attacker.py`'s arguments.
+type Attackers<'a> = Vec<(u32, Vec<&'a str>)>;
+
 /// One legitimate caller (uid 0, 1 connection) before and during each attack (by uid 65534, or by three uids
 /// at once): its p50 and p99, and the daemon's RSS (now and peak).
 async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Row>> {
@@ -717,7 +720,7 @@ async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Ro
     let secs = (phase.as_secs_f64() + 2.0).to_string();
     let replies = ["replies", "64", "50", "zero"];
     let one = |args: &[&'static str]| vec![(65534, args.to_vec())];
-    let attacks: [(&str, Vec<(u32, Vec<&str>)>); 5] = [
+    let attacks: [(&str, Attackers<'_>); 5] = [
         (
             "1000 connections x 16 unfinished 20 KiB messages",
             one(&["streams", "1000"]),

@@ -400,7 +400,7 @@ async fn the_socket_cannot_be_redirected_nor_removed_from_under_a_successor() {
     .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("not be writable by others"),
+        stderr(&out).contains("be writable by its owner only"),
         "{}",
         stderr(&out)
     );

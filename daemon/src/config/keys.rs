@@ -36,7 +36,7 @@ pub const KEYS: &[Key] = &[
         "daemon.socket",
         "path",
         "`/run/credbroker/credbroker.sock`",
-        "absolute socket path; its directory is created (0755) if missing and must belong to root or the daemon's user and not be writable by others (unless sticky); ignored when systemd passes the socket",
+        "absolute socket path; its directory is created (0755) if missing and must belong to root or the daemon's user and be writable by its owner only (not sticky `/tmp`: another user could bind the name first); ignored when systemd passes the socket",
     ),
     key(
         "daemon.socket_mode",

@@ -3,8 +3,9 @@
 //! A TCP listener sees no peer uid, so it gets its own small bounds: at most [`MAX_CONNECTIONS`] at once,
 //! [`HEADER_TIMEOUT`] to send a request head of at most [`MAX_HEAD`] bytes, one request per connection, and
 //! [`CONNECTION_TIMEOUT`] for the whole exchange. When every slot is taken, a new connection takes the slot of
-//! the oldest one that has not sent its request yet (and closes it): a scraper sends its request at once, so
-//! connections that sit silent cannot keep it out, however fast they are reopened. Only when every slot is
+//! the oldest one that is not asking anything (its request not read, and no bytes of it waiting to be): a
+//! scraper sends its request at once, so connections that sit silent, or trickle a head, cannot keep it out,
+//! however fast they are reopened. Only when every slot is
 //! serving a request is a new connection closed at accept. It serves nothing but the metrics, which hold no
 //! token, secret, scope or uid.
 
@@ -47,7 +48,18 @@ struct Slot {
     id: u64,
     /// Set once its request head has been read.
     asked: Arc<AtomicBool>,
+    /// The connection's socket (a duplicate descriptor), to see whether it has sent bytes not yet read.
+    peer: std::net::TcpStream,
     task: tokio::task::AbortHandle,
+}
+
+impl Slot {
+    /// Whether the connection is asking for something: its request has been read, or bytes of it wait to
+    /// be (a scraper writes its request as soon as it has connected).
+    fn asking(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+            || matches!(self.peer.peek(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
 }
 
 /// The slots, oldest connection first.
@@ -65,11 +77,20 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, budgets: Arc<Budg
                 continue;
             }
         };
+        // A duplicate of the socket, non-blocking like the original, to peek at.
+        let Ok(peer) = stream
+            .into_std()
+            .and_then(|s| Ok((s.try_clone()?, s)))
+            .and_then(|(peer, s)| Ok((peer, tokio::net::TcpStream::from_std(s)?)))
+        else {
+            continue;
+        };
+        let (peer, stream) = peer;
         let mut held = slots.lock().unwrap_or_else(|e| e.into_inner());
         if held.len() >= MAX_CONNECTIONS {
-            // The oldest connection that has not asked yet gives its slot up; if all are being served, the
-            // new one is closed at once, unread.
-            match held.iter().position(|s| !s.asked.load(Ordering::Acquire)) {
+            // The oldest connection that is not asking gives its slot up; if all are, the new one is closed
+            // at once, unread.
+            match held.iter().position(|s| !s.asking()) {
                 Some(i) => {
                     if let Some(evicted) = held.remove(i) {
                         evicted.task.abort();
@@ -90,6 +111,7 @@ pub async fn serve(listener: TcpListener, broker: Arc<Broker>, budgets: Arc<Budg
         held.push_back(Slot {
             id,
             asked,
+            peer,
             task: task.abort_handle(),
         });
     }
