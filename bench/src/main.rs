@@ -369,6 +369,13 @@ match = {{ uid = 0 }}
 client = "idp"
 scopes = ["bench:*"]
 
+# The exec race: scopes for uid 65534 only while it runs /usr/bin/sleep.
+[[policy]]
+name = "race"
+match = {{ uid = 65534, exe = "/usr/bin/sleep" }}
+client = "idp"
+scopes = ["race:write"]
+
 # The attackers of the "under attack" rows: ordinary users with a policy of their own.
 [[policy]]
 name = "attacker"
@@ -770,6 +777,38 @@ async fn under_attack(daemon: &Daemon, phase: Duration) -> anyhow::Result<Vec<Ro
             Some(s.errors == 0 && !s.latencies.is_empty() && peak < bound * 1024),
         ));
     }
+    // The exec race: a process connects and at once execs the program an `exe` policy allows, while a child
+    // it forked before connecting calls over the shared connection. Won when the daemon reads the executable
+    // after the exec: with no queue ahead, and behind 60 connections (then the daemon does not judge it).
+    let races = if phase < Duration::from_secs(2) {
+        10
+    } else {
+        50
+    };
+    let mut won = Vec::new();
+    for prior in ["0", "60"] {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/helpers/attacker.py");
+        let out = tokio::process::Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(socket)
+            .args(["exec-races", "/usr/bin/sleep", &races.to_string(), prior])
+            .env("SCOPE", "race:write")
+            .uid(65534)
+            .gid(65534)
+            .stderr(Stdio::null())
+            .output()
+            .await?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            anyhow::anyhow!("exec-races: {e}: {}", String::from_utf8_lossy(&out.stdout))
+        })?;
+        won.push(report["won"].as_u64().unwrap_or(0));
+    }
+    rows.push(row(
+        "exec race (`attacker.py exec-races`): races won with no queue ahead / behind 60 connections",
+        format!("{} / {} of {races}", won[0], won[1]),
+        "",
+        None,
+    ));
     Ok(rows)
 }
 

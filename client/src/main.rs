@@ -9,6 +9,8 @@ use credbroker_client::secrecy::ExposeSecret;
 use credbroker_client::{Client, Error, Token, TokenRequest, admin};
 
 mod admin_view;
+mod helpers;
+mod sink;
 
 /// Exit codes (sysexits.h), documented in `--help` and the README.
 mod exit {
@@ -22,7 +24,7 @@ mod exit {
     pub(crate) const RETRY: u8 = 75;
     /// Denied: no policy lets this process have what it asked for (or it could not be identified).
     pub(crate) const DENIED: u8 = 77;
-    /// The output could not be written (a closed pipe, a full disk, standard output closed).
+    /// The output could not be written (a closed pipe, a full disk).
     pub(crate) const IOERR: u8 = 74;
     /// Operator action needed: the IdP refused the broker's credentials or the scope.
     pub(crate) const OPERATOR: u8 = 78;
@@ -33,7 +35,7 @@ Exit codes:
   0   success
   1   other error
   64  usage: bad arguments, invalid scope, unknown or ambiguous client
-  74  the output could not be written (closed pipe, full disk, standard output closed)
+  74  the output could not be written (closed pipe, full disk, a sink's file or directory)
   75  retryable: daemon unreachable, IdP unavailable, rate limited
   77  denied: no policy allows this process the requested client or scope, or the socket's
       permissions keep this user out
@@ -72,12 +74,70 @@ enum Command {
         /// The token must stay valid at least this long: "90", "90s", "5m".
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         min_ttl: Option<Duration>,
-        /// raw: the token; header: "Authorization: Bearer <token>"; json: the token and its metadata.
-        #[arg(long, value_enum, default_value_t = Format::Raw)]
-        format: Format,
+        /// raw: the token; header: "Authorization: Bearer <token>"; json: the token and its metadata;
+        /// exec-credential: kubectl's ExecCredential, in the apiVersion KUBERNETES_EXEC_INFO names (v1 or
+        /// v1beta1; v1 without it).
+        #[arg(long, value_enum, default_value_t = TokenFormat::Raw)]
+        format: TokenFormat,
         /// Scopes to request.
         #[arg(required = true, value_name = "SCOPE")]
         scopes: Vec<String>,
+    },
+    /// Keep FILE holding a fresh token, for programs that read a token from a file. Runs as the consuming
+    /// user (the daemon judges it as any caller), replaces FILE atomically ahead of expiry, keeps a valid
+    /// token in place while the daemon or the IdP is down (removing it once it expires with no successor),
+    /// and runs CMD after each new token. With --config, keeps every [[sink]] of a TOML file.
+    #[command(after_help = EXIT_CODES)]
+    Sink {
+        /// The file to keep fresh; its directory must be writable by its owner only.
+        #[arg(long, value_name = "FILE", required_unless_present = "config")]
+        path: Option<PathBuf>,
+        /// What the file holds: raw, the token; header, "Authorization: Bearer <token>"; json, the token
+        /// and its metadata. A newline ends each.
+        #[arg(long, value_enum, default_value_t = Format::Raw)]
+        format: Format,
+        /// The file's permission bits, in octal.
+        #[arg(long, value_name = "MODE", default_value = "0600", value_parser = sink::parse_mode)]
+        mode: u32,
+        /// The token must stay valid at least this long when written: "90", "90s", "5m".
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        min_ttl: Option<Duration>,
+        /// A command run with `sh -c` after each new token (not more often), with CREDBROKER_SINK_PATH set,
+        /// e.g. "systemctl reload prometheus".
+        #[arg(long, value_name = "CMD")]
+        on_change: Option<String>,
+        /// Write the file once and exit, with the exit codes below (for cron jobs and ExecStartPre=).
+        #[arg(long)]
+        once: bool,
+        /// The client (IdP registration) to use; needed when your policies name several.
+        #[arg(short, long)]
+        client: Option<String>,
+        /// Keep the sinks of this TOML file ([[sink]] tables with path, scopes, and optionally client,
+        /// format, mode, min_ttl, on_change), instead of one given by the options above.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["path", "on_change", "client", "min_ttl"])]
+        config: Option<PathBuf>,
+        /// Scopes to request.
+        #[arg(value_name = "SCOPE", required_unless_present = "config")]
+        scopes: Vec<String>,
+    },
+    /// A git credential helper: answers git's `get` with a token (as a Bearer credential for git 2.46 and
+    /// later, else as the password of --username); `store` and `erase` do nothing. Configure it with
+    /// `git config credential.https://git.example.com.helper '!credbroker git-credential -c CLIENT --scope SCOPE'`.
+    #[command(after_help = EXIT_CODES)]
+    GitCredential {
+        /// The client (IdP registration) to use; needed when your policies name several.
+        #[arg(short, long)]
+        client: Option<String>,
+        /// A scope to request; repeat for several (a quoted scope string is split too).
+        #[arg(short = 's', long = "scope", required = true, value_name = "SCOPE")]
+        scopes: Vec<String>,
+        /// The user name git sends with the token as password, for git before 2.46 and servers that want
+        /// Basic authentication.
+        #[arg(long, value_name = "NAME", default_value = "x-access-token")]
+        username: String,
+        /// What git asks: get, store or erase.
+        #[arg(value_enum)]
+        operation: GitOperation,
     },
     /// Run CMD with a token in its environment (never on a command line). credbroker replaces itself with
     /// CMD, so CMD's exit status and the signals sent to it are its own.
@@ -183,11 +243,28 @@ enum Shell {
     Powershell,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// What a token is written as.
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
     Raw,
     Json,
     Header,
+}
+
+/// What `credbroker token` prints.
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenFormat {
+    Raw,
+    Json,
+    Header,
+    ExecCredential,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GitOperation {
+    Get,
+    Store,
+    Erase,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -238,34 +315,14 @@ fn request(scopes: &[String], client: Option<String>, min_ttl: Option<Duration>)
     request
 }
 
-/// Whether standard output was closed when the CLI started. Rust's runtime has already pointed closed fds 0–2
-/// at `/dev/null` by then (so no socket the CLI opens can take fd 1), opened read-write: a shell's
-/// `> /dev/null` opens it write-only. Output to a stdout that was closed would be lost, so it is an error.
-fn stdout_was_closed() -> bool {
-    let null = std::fs::read_link("/proc/self/fd/1").is_ok_and(|p| p.as_os_str() == "/dev/null");
-    let read_write = std::fs::read_to_string("/proc/self/fdinfo/1").is_ok_and(|info| {
-        info.lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            .is_some_and(|flags| flags & 0o3 == 0o2)
-    });
-    null && read_write
-}
-
-/// Where the CLI's output goes: standard output, unless it was closed at start.
-struct Output {
-    closed: bool,
-}
+/// Where the CLI's output goes: standard output. A write that fails (a closed pipe, a full disk) is an
+/// error (exit 74); output to `/dev/null`, whatever mode it was opened in, is written, and fine.
+struct Output;
 
 impl Output {
     /// Writes `text` and a newline, and flushes.
     fn line(&self, text: &str) -> Result<(), CliError> {
         use std::io::Write;
-        if self.closed {
-            return Err(CliError::Output(std::io::Error::other(
-                "standard output is closed",
-            )));
-        }
         let mut out = std::io::stdout().lock();
         writeln!(out, "{text}")
             .and_then(|()| out.flush())
@@ -275,11 +332,6 @@ impl Output {
     /// Writes `bytes` as they are, and flushes.
     fn raw(&self, bytes: &[u8]) -> Result<(), CliError> {
         use std::io::Write;
-        if self.closed {
-            return Err(CliError::Output(std::io::Error::other(
-                "standard output is closed",
-            )));
-        }
         let mut out = std::io::stdout().lock();
         out.write_all(bytes)
             .and_then(|()| out.flush())
@@ -287,10 +339,14 @@ impl Output {
     }
 }
 
-/// Why the CLI failed: the daemon's answer, or its own output.
+/// Why the CLI failed: the daemon's answer, its own output, or a usage error found after parsing.
 enum CliError {
     Daemon(Error),
     Output(std::io::Error),
+    /// A problem with the input, exit 64.
+    Usage(String),
+    /// A sink's file or directory (exit 74).
+    Sink(String),
 }
 
 impl From<Error> for CliError {
@@ -300,7 +356,6 @@ impl From<Error> for CliError {
 }
 
 fn main() -> ExitCode {
-    let stdout_closed = stdout_was_closed();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -322,9 +377,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::OTHER);
         }
     };
-    let out = Output {
-        closed: stdout_closed,
-    };
+    let out = Output;
     match runtime.block_on(run(cli, &out)) {
         Ok(Next::Done) => ExitCode::from(exit::OK),
         Ok(Next::Exit(code)) => ExitCode::from(code),
@@ -342,6 +395,14 @@ fn main() -> ExitCode {
         }
         Err(CliError::Output(e)) => {
             eprintln!("credbroker: cannot write the output: {e}");
+            ExitCode::from(exit::IOERR)
+        }
+        Err(CliError::Usage(e)) => {
+            eprintln!("credbroker: {e}");
+            ExitCode::from(exit::USAGE)
+        }
+        Err(CliError::Sink(e)) => {
+            eprintln!("credbroker sink: {e}");
             ExitCode::from(exit::IOERR)
         }
     }
@@ -405,16 +466,83 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
     let socket = cli
         .socket
         .unwrap_or_else(credbroker_client::discover_socket);
+    match cli.command {
+        Command::Sink {
+            path,
+            format,
+            mode,
+            min_ttl,
+            on_change,
+            once,
+            client: name,
+            config,
+            scopes,
+        } => {
+            let sinks = match (config, path) {
+                (Some(config), _) => {
+                    let text = std::fs::read_to_string(&config).map_err(|e| {
+                        CliError::Usage(format!("cannot read {}: {e}", config.display()))
+                    })?;
+                    sink::parse_file(&text)
+                        .map_err(|e| CliError::Usage(format!("{}: {e}", config.display())))?
+                }
+                (None, Some(path)) => vec![sink::Sink {
+                    path,
+                    format,
+                    mode,
+                    request: request(&scopes, name, min_ttl),
+                    on_change,
+                }],
+                (None, None) => unreachable!("clap requires --path or --config"),
+            };
+            return run_sinks(socket, sinks, once).await;
+        }
+        Command::GitCredential {
+            client: name,
+            scopes,
+            username,
+            operation,
+        } => {
+            // store and erase: nothing is stored, so nothing to do (git still sends the request).
+            let asked =
+                helpers::read_git_request(std::io::stdin().lock()).map_err(CliError::Usage)?;
+            if !matches!(operation, GitOperation::Get) {
+                return Ok(Next::Done);
+            }
+            let mut client = Client::connect(&socket).await?;
+            let token = client.get_token(request(&scopes, name, None)).await?;
+            out.raw(helpers::git_answer(&asked, &token, &username).as_bytes())?;
+            return Ok(Next::Done);
+        }
+        _ => {}
+    }
     let mut client = Client::connect(&socket).await?;
     match cli.command {
+        Command::Sink { .. } | Command::GitCredential { .. } => unreachable!("handled above"),
         Command::Token {
             client: name,
             min_ttl,
             format,
             scopes,
         } => {
+            // kubectl's exec plugin: the version it asks for is checked before asking the daemon.
+            let api_version = match format {
+                TokenFormat::ExecCredential => Some(
+                    helpers::exec_credential_version(
+                        std::env::var("KUBERNETES_EXEC_INFO").ok().as_deref(),
+                    )
+                    .map_err(CliError::Usage)?,
+                ),
+                _ => None,
+            };
             let token = client.get_token(request(&scopes, name, min_ttl)).await?;
-            out.line(&render(&token, format))?;
+            let text = match (format, api_version) {
+                (TokenFormat::ExecCredential, Some(v)) => helpers::exec_credential(&token, v),
+                (TokenFormat::Json, _) => render(&token, Format::Json),
+                (TokenFormat::Header, _) => render(&token, Format::Header),
+                _ => render(&token, Format::Raw),
+            };
+            out.line(&text)?;
         }
         Command::Exec {
             client: name,
@@ -628,6 +756,46 @@ fn completions(shell: Shell) -> Vec<u8> {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut Cli::command(), "credbroker", &mut script);
     script
+}
+
+/// Runs every sink until the process is stopped (SIGTERM, SIGINT: exit 0, the files left in place), or once
+/// each with `once`. A sink that cannot start ends the process with its exit code.
+async fn run_sinks(socket: PathBuf, sinks: Vec<sink::Sink>, once: bool) -> Result<Next, CliError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in sinks {
+        tasks.spawn(sink::run(socket.clone(), s, once));
+    }
+    let stopped = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            done = tasks.join_next() => match done {
+                None => return Ok(Next::Done),
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(sink::SinkError::Daemon { path, source }))) => {
+                    eprintln!("credbroker sink: {}: {source}", path.display());
+                    return Ok(Next::Exit(exit_code(&source)));
+                }
+                Some(Ok(Err(sink::SinkError::File(e)))) => return Err(CliError::Sink(e)),
+                Some(Err(e)) => return Err(CliError::Sink(format!("a sink stopped: {e}"))),
+            },
+            () = &mut stopped => return Ok(Next::Done),
+        }
+    }
 }
 
 fn render(token: &Token, format: Format) -> String {

@@ -71,6 +71,8 @@ pub struct Recorded {
     pub params: Vec<(String, String)>,
     /// The token issued, if any.
     pub token: Option<String>,
+    /// When the token issued expires.
+    pub valid_until: Option<std::time::Instant>,
 }
 
 struct State {
@@ -204,7 +206,19 @@ impl StandInIdp {
         self.state.requests.lock().unwrap().clone()
     }
 
-    /// Every token issued so far.
+    /// Whether `token` was issued here and has not expired: what a resource server would check.
+    pub fn is_valid(&self, token: &str) -> bool {
+        is_valid(&self.state, token)
+    }
+
+    /// Its RFC 7662 introspection endpoint (`POST token=…` → `{"active": bool}`), for stand-in resource
+    /// servers.
+    pub fn introspection_url(&self) -> String {
+        self.token_url()
+            .replace("/oauth2/token", "/oauth2/introspect")
+    }
+
+    /// Every token issued, oldest first.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.requests()
             .into_iter()
@@ -284,7 +298,38 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<Option<(String, String)>
     }))
 }
 
+/// Whether `token` was issued and has not expired.
+fn is_valid(state: &State, token: &str) -> bool {
+    state.requests.lock().unwrap().iter().any(|r| {
+        r.token.as_deref() == Some(token)
+            && r.valid_until
+                .is_some_and(|until| until > std::time::Instant::now())
+    })
+}
+
+/// RFC 7662 token introspection, as a resource server would ask: `{"active": true}` for a token issued here
+/// and not expired. Not counted among the token requests.
+async fn introspect(req: Request<Incoming>, state: Arc<State>) -> Resp {
+    let Ok(body) = Limited::new(req.into_body(), 64 * 1024).collect().await else {
+        return respond(StatusCode::BAD_REQUEST, "text/plain", "body too large");
+    };
+    let body = body.to_bytes();
+    let token = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let active = is_valid(&state, &token);
+    respond(
+        StatusCode::OK,
+        "application/json",
+        serde_json::json!({ "active": active }).to_string(),
+    )
+}
+
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infallible> {
+    if req.method() == hyper::Method::POST && req.uri().path() == "/oauth2/introspect" {
+        return Ok(introspect(req, state).await);
+    }
     state.arrivals.fetch_add(1, Ordering::SeqCst);
     if req.method() != hyper::Method::POST || req.uri().path() != "/oauth2/token" {
         return Ok(respond(StatusCode::NOT_FOUND, "text/plain", "not found"));
@@ -338,6 +383,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
             .cloned()
             .collect(),
         token: None,
+        valid_until: None,
     };
     let fault = {
         let mut next = state.fail_next.lock().unwrap();
@@ -457,6 +503,8 @@ async fn decide(
         granted = format!("{granted} {extra}");
     }
     let expires_in = state.expires_in.load(Ordering::SeqCst);
+    record.valid_until =
+        Some(std::time::Instant::now() + std::time::Duration::from_secs(expires_in));
     let mut body = serde_json::json!({
         "access_token": token,
         "token_type": "Bearer",

@@ -243,3 +243,71 @@ async fn reinstalls_and_upgrades_drop_no_call() {
             .ends_with("-2")
     );
 }
+
+#[tokio::test]
+async fn the_sink_template_keeps_a_consumers_token_file_and_output_to_null_is_fine_under_systemd() {
+    let s = Setup::new().await;
+    let sb = SystemdBox::boot().await;
+    sb.ok(&format!("dpkg -i {}", sb.stage(&deb(1)).display()))
+        .await;
+    configure(&sb, &s).await;
+    // The consumer is nobody: its sink file under /etc/credbroker/sinks, its token file in a directory of its
+    // own.
+    let sinks = sb.put(
+        "nobody.toml",
+        "[[sink]]\npath = \"/var/lib/consumer/token\"\nscopes = [\"scim:read\"]\nclient = \"idp\"\nmode = \"0640\"\n",
+    );
+    sb.ok(&format!(
+        "install -d -o nobody -g nogroup -m 0755 /var/lib/consumer && \
+         install -m 0644 {} /etc/credbroker/sinks/nobody.toml && \
+         systemctl start credbroker-sink@nobody.service && \
+         for i in $(seq 300); do [ -s /var/lib/consumer/token ] && break; sleep 0.1; done",
+        sinks.display()
+    ))
+    .await;
+    assert_eq!(
+        sb.ok("stat -c '%U %a' /var/lib/consumer/token").await,
+        "nobody 640\n"
+    );
+    let file = sb.ok("cat /var/lib/consumer/token").await;
+    let direct = sb
+        .ok(&format!("{AS_NOBODY} credbroker token -c idp scim:read"))
+        .await;
+    assert_eq!(file, direct, "the sink holds the token nobody gets");
+    assert_eq!(
+        sb.property("credbroker-sink@nobody.service", "ActiveState")
+            .await,
+        "active"
+    );
+    // The daemon judged the sink as nobody.
+    let journal = sb.ok("journalctl -u credbroker --no-pager -o cat").await;
+    assert!(journal.contains("uid=65534"), "{journal}");
+    // A clean stop.
+    sb.ok("systemctl stop credbroker-sink@nobody.service").await;
+    assert_eq!(
+        sb.property("credbroker-sink@nobody.service", "Result")
+            .await,
+        "success"
+    );
+
+    // A unit whose standard output is /dev/null (opened read-write by systemd) runs `credbroker token` for its
+    // exit status: 0, and a denial still 77.
+    let ok = sb
+        .sh("systemd-run --wait --quiet -p StandardOutput=null -p User=nobody credbroker token -c idp scim:read")
+        .await;
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        credbroker_tests::stderr(&ok)
+    );
+    let denied = sb
+        .sh("systemd-run --wait --quiet -p StandardOutput=null -p User=nobody credbroker token -c idp scim:write")
+        .await;
+    assert_eq!(
+        denied.status.code(),
+        Some(77),
+        "{}",
+        credbroker_tests::stderr(&denied)
+    );
+}
