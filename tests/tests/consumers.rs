@@ -494,19 +494,41 @@ async fn kubectl_gets_its_bearer_token_from_the_exec_credential_plugin() {
     let d = s.daemon().await;
     let (port, ca, seen) = api_server().await;
     let home = dir_of(&s, "home", NOBODY, 0o755);
-    for version in ["v1", "v1beta1"] {
+    // kubectl 1.22 and later speak v1; Debian 12's kubernetes-client (1.20) only v1beta1.
+    let mut cmd = Command::new("kubectl");
+    cmd.args(["version", "--client", "-o", "json"]);
+    let version = stdout(&run_cli(cmd, None).await);
+    let minor: u32 = serde_json::from_str::<serde_json::Value>(&version)
+        .ok()
+        .and_then(|v| {
+            v["clientVersion"]["minor"]
+                .as_str()?
+                .trim_end_matches('+')
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("kubectl version: {version}"));
+    let versions: &[&str] = if minor >= 22 {
+        &["v1", "v1beta1"]
+    } else {
+        &["v1beta1"]
+    };
+    println!("kubectl 1.{minor}: exec credential {versions:?}");
+    for &version in versions {
         let kubeconfig = s.dir.write(
             &format!("kubeconfig-{version}"),
             &format!(
                 "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: https://127.0.0.1:{port}\n\
                  \x20   certificate-authority-data: {ca}\nusers:\n- name: broker\n  user:\n    exec:\n\
                  \x20     apiVersion: client.authentication.k8s.io/{version}\n      command: {bin}\n\
-                 \x20     args: [\"--socket\", \"{socket}\", \"token\", \"--format\", \"exec-credential\", \"scim:read\"]\n\
-                 \x20     interactiveMode: Never\ncontexts:\n- name: here\n  context: {{cluster: stand-in, user: broker}}\n\
+                 \x20     args: [\"--socket\", \"{socket}\", \"token\", \"--format\", \"exec-credential\", \"scim:read\"]{interactive}\n\
+                 contexts:\n- name: here\n  context: {{cluster: stand-in, user: broker}}\n\
                  current-context: here\n",
                 ca = base64::engine::general_purpose::STANDARD.encode(&ca),
                 bin = bin("credbroker").display(),
                 socket = d.socket.display(),
+                // Required by v1, unknown to kubectl before 1.22.
+                interactive = if version == "v1" { "\n      interactiveMode: Never" } else { "" },
             ),
             0o644,
         );
