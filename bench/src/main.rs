@@ -113,6 +113,12 @@ async fn floor(socket: &Path) -> anyhow::Result<()> {
         ) -> Result<tonic::Response<pb::WhoAmIResponse>, tonic::Status> {
             Ok(tonic::Response::new(pb::WhoAmIResponse::default()))
         }
+        async fn proof(
+            &self,
+            _: tonic::Request<pb::ProofRequest>,
+        ) -> Result<tonic::Response<pb::ProofResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("the floor serves GetToken"))
+        }
     }
     let response = pb::GetTokenResponse {
         access_token: "0b5f1e9e-55a4-4b53-9d0a-6f0f3b0c1d2e".into(),

@@ -262,6 +262,86 @@ impl TokenRequest {
     }
 }
 
+/// The two headers of one request to an API with a DPoP-bound token ([`Client::proof`]).
+#[derive(Clone)]
+pub struct Proof {
+    authorization: SecretString,
+    dpop: SecretString,
+    expires_at: SystemTime,
+    scopes: Vec<String>,
+    client: String,
+}
+
+impl fmt::Debug for Proof {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Proof")
+            .field("authorization", &"[redacted]")
+            .field("dpop", &"[redacted]")
+            .field("expires_at", &self.expires_at)
+            .field("scopes", &self.scopes)
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl Proof {
+    /// The `Authorization` header's value: `DPoP <token>`.
+    ///
+    /// # Security
+    /// The token it carries is bound to the daemon's key: worthless without a fresh proof, but still a
+    /// credential while it is used with one.
+    pub fn authorization(&self) -> &SecretString {
+        &self.authorization
+    }
+
+    /// The `DPoP` header's value: a proof for this one request (method and URL), signed by the daemon.
+    pub fn dpop(&self) -> &SecretString {
+        &self.dpop
+    }
+
+    /// When the token expires.
+    pub fn expires_at(&self) -> SystemTime {
+        self.expires_at
+    }
+
+    /// The scopes granted.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
+    /// The client (IdP registration) the token came from.
+    pub fn client(&self) -> &str {
+        &self.client
+    }
+}
+
+/// A Proof request: the token's request, and the request to the API the proof is for.
+#[derive(Clone, Debug)]
+pub struct ProofRequest {
+    token: TokenRequest,
+    method: String,
+    url: String,
+    nonce: Option<String>,
+}
+
+impl ProofRequest {
+    /// A proof for a `method` request to `url`, with a token of `token`'s scopes and client.
+    pub fn new(token: TokenRequest, method: impl Into<String>, url: impl Into<String>) -> Self {
+        Self {
+            token,
+            method: method.into(),
+            url: url.into(),
+            nonce: None,
+        }
+    }
+
+    /// With the nonce the API gave (`DPoP-Nonce`).
+    pub fn nonce(mut self, nonce: impl Into<String>) -> Self {
+        self.nonce = Some(nonce.into());
+        self
+    }
+}
+
 /// How the daemon sees this process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WhoAmI {
@@ -442,6 +522,52 @@ impl Client {
             access_token: SecretString::from(resp.access_token),
             token_type: resp.token_type,
             expires_at,
+            scopes: resp.scopes,
+            client: resp.client,
+        })
+    }
+
+    /// The headers of one request to an API with a DPoP-bound token (RFC 9449): the daemon holds the key,
+    /// signs the proof, and gives it only for URLs within this caller's policy's `dpop_targets`.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut client: credbroker_client::Client) -> Result<(), credbroker_client::Error> {
+    /// use credbroker_client::{ProofRequest, TokenRequest};
+    ///
+    /// let proof = client
+    ///     .proof(ProofRequest::new(TokenRequest::new(["scim:read"]), "GET", "https://api.example.com/v1/users"))
+    ///     .await?;
+    /// // Authorization: proof.authorization(), DPoP: proof.dpop()
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Client::token`]; [`Error::is_denied`] too when the URL is not within the policy's targets, and
+    /// [`Error::is_invalid_request`] when the client does not bind its tokens or the method or URL is not
+    /// usable.
+    pub async fn proof(&mut self, request: ProofRequest) -> Result<Proof, Error> {
+        let min_ttl = request.token.min_ttl.map_or(0, |d| {
+            u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
+        });
+        let req = tonic::Request::new(pb::ProofRequest {
+            scopes: request.token.scopes,
+            client: request.token.client.unwrap_or_default(),
+            min_ttl_seconds: min_ttl,
+            method: request.method,
+            url: request.url,
+            nonce: request.nonce.unwrap_or_default(),
+        });
+        let resp = self
+            .call(req, |mut c, r| async move { c.proof(r).await })
+            .await?
+            .into_inner();
+        Ok(Proof {
+            authorization: SecretString::from(resp.authorization),
+            dpop: SecretString::from(resp.dpop),
+            expires_at: resp
+                .expires_at
+                .and_then(|t| SystemTime::try_from(t).ok())
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             scopes: resp.scopes,
             client: resp.client,
         })
@@ -863,6 +989,138 @@ impl RequestBuilderExt for reqwest::RequestBuilder {
             // The daemon only hands out printable ASCII tokens; anything else cannot be a header.
             Err(_) => self,
         }
+    }
+}
+
+/// Sends requests to an API with DPoP-bound tokens (feature `reqwest`): each request gets its own proof from
+/// the daemon, and a resource server's nonce challenge (`401` with `WWW-Authenticate: DPoP
+/// error="use_dpop_nonce"` and a `DPoP-Nonce`) is answered once with a new proof carrying the nonce, which is
+/// then remembered for that server's later requests.
+///
+/// ```no_run
+/// # async fn demo(client: credbroker_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use credbroker_client::{DpopSender, TokenRequest};
+///
+/// let api = DpopSender::new(client, reqwest::Client::new(), TokenRequest::new(["scim:read"]));
+/// let response = api.send(reqwest::Method::GET, "https://api.example.com/v1/users", None).await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "reqwest")]
+pub struct DpopSender {
+    client: tokio::sync::Mutex<Client>,
+    http: reqwest::Client,
+    token: TokenRequest,
+    /// The latest nonce each origin gave.
+    nonces: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// Why a [`DpopSender`] request failed.
+#[cfg(feature = "reqwest")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DpopError {
+    /// The daemon gave no proof.
+    #[error(transparent)]
+    Daemon(#[from] Error),
+    /// The request to the API failed.
+    #[error("the request to the API failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// A header the daemon gave cannot be sent (never expected: they are printable ASCII).
+    #[error("the daemon's header cannot be sent")]
+    Header,
+}
+
+#[cfg(feature = "reqwest")]
+impl DpopSender {
+    /// Requests through `http`, with tokens of `token`'s scopes and client and proofs from `client`.
+    pub fn new(client: Client, http: reqwest::Client, token: TokenRequest) -> Self {
+        Self {
+            client: tokio::sync::Mutex::new(client),
+            http,
+            token,
+            nonces: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Sends a `method` request to `url`, with `body` if given, its two DPoP headers made for it; answers a
+    /// nonce challenge once.
+    ///
+    /// # Errors
+    /// [`DpopError`].
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::Response, DpopError> {
+        let origin = reqwest::Url::parse(url)
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_default();
+        let mut nonce = self.nonce(&origin);
+        let mut challenged = false;
+        loop {
+            let mut request = ProofRequest::new(self.token.clone(), method.as_str(), url);
+            if let Some(n) = &nonce {
+                request = request.nonce(n.clone());
+            }
+            let proof = self.client.lock().await.proof(request).await?;
+            let header = |v: &SecretString| {
+                reqwest::header::HeaderValue::from_str(v.expose_secret())
+                    .map(|mut h| {
+                        h.set_sensitive(true);
+                        h
+                    })
+                    .map_err(|_| DpopError::Header)
+            };
+            let mut builder = self
+                .http
+                .request(method.clone(), url)
+                .header(
+                    reqwest::header::AUTHORIZATION,
+                    header(proof.authorization())?,
+                )
+                .header("DPoP", header(proof.dpop())?);
+            if let Some(b) = &body {
+                builder = builder.body(b.clone());
+            }
+            let response = builder.send().await?;
+            let given = response
+                .headers()
+                .get("dpop-nonce")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if let Some(n) = &given {
+                self.nonces
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(origin.clone(), n.clone());
+            }
+            let asks_nonce = response.status() == reqwest::StatusCode::UNAUTHORIZED
+                && response
+                    .headers()
+                    .get_all(reqwest::header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .any(|v| {
+                        v.trim_start().to_ascii_lowercase().starts_with("dpop")
+                            && v.contains("use_dpop_nonce")
+                    });
+            match given {
+                Some(n) if asks_nonce && !challenged => {
+                    challenged = true;
+                    nonce = Some(n);
+                }
+                _ => return Ok(response),
+            }
+        }
+    }
+
+    fn nonce(&self, origin: &str) -> Option<String> {
+        self.nonces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(origin)
+            .cloned()
     }
 }
 

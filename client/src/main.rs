@@ -120,6 +120,34 @@ enum Command {
         #[arg(value_name = "SCOPE", required_unless_present = "config")]
         scopes: Vec<String>,
     },
+    /// Print the two headers of one request to an API with a DPoP-bound token (the client must have dpop =
+    /// true): `Authorization: DPoP <token>` and `DPoP: <proof>`, the proof signed by the daemon for METHOD and
+    /// URL, e.g. `credbroker proof --method GET --url "$URL" scim:read | curl -H @- "$URL"`. Only for URLs
+    /// within your policy's dpop_targets.
+    #[command(after_help = EXIT_CODES)]
+    Proof {
+        /// The client (IdP registration) to use; needed when your policies name several.
+        #[arg(short, long)]
+        client: Option<String>,
+        /// The token must stay valid at least this long: "90", "90s", "5m".
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        min_ttl: Option<Duration>,
+        /// The HTTP method of the request the proof is for.
+        #[arg(long, value_name = "METHOD")]
+        method: String,
+        /// The URL of that request (the proof covers it without query and fragment).
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The nonce the API gave in its DPoP-Nonce header, if it asked for one.
+        #[arg(long, value_name = "NONCE")]
+        nonce: Option<String>,
+        /// headers: the two header lines; json: {"authorization", "dpop"}.
+        #[arg(long, value_enum, default_value_t = ProofFormat::Headers)]
+        format: ProofFormat,
+        /// Scopes of the token.
+        #[arg(required = true, value_name = "SCOPE")]
+        scopes: Vec<String>,
+    },
     /// A git credential helper: answers git's `get` with a token (as a Bearer credential for git 2.46 and
     /// later, else as the password of --username); `store` and `erase` do nothing. Configure it with
     /// `git config credential.https://git.example.com.helper '!credbroker git-credential -c CLIENT --scope SCOPE'`.
@@ -258,6 +286,13 @@ enum TokenFormat {
     Json,
     Header,
     ExecCredential,
+}
+
+/// What `credbroker proof` prints.
+#[derive(Clone, Copy, ValueEnum)]
+enum ProofFormat {
+    Headers,
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -519,6 +554,32 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
     let mut client = Client::connect(&socket).await?;
     match cli.command {
         Command::Sink { .. } | Command::GitCredential { .. } => unreachable!("handled above"),
+        Command::Proof {
+            client: name,
+            min_ttl,
+            method,
+            url,
+            nonce,
+            format,
+            scopes,
+        } => {
+            let mut request =
+                credbroker_client::ProofRequest::new(request(&scopes, name, min_ttl), method, url);
+            if let Some(nonce) = nonce {
+                request = request.nonce(nonce);
+            }
+            let proof = client.proof(request).await?;
+            let (authorization, dpop) = (
+                proof.authorization().expose_secret(),
+                proof.dpop().expose_secret(),
+            );
+            out.line(&match format {
+                ProofFormat::Headers => format!("Authorization: {authorization}\nDPoP: {dpop}"),
+                ProofFormat::Json => {
+                    serde_json::json!({ "authorization": authorization, "dpop": dpop }).to_string()
+                }
+            })?;
+        }
         Command::Token {
             client: name,
             min_ttl,

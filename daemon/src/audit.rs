@@ -207,6 +207,8 @@ fn unit(caller: &Caller) -> String {
 pub struct Audit {
     budget: LogBudget,
     grants: Mutex<HashMap<(u32, Fingerprint), Tracked>>,
+    /// (uid, token, target origin) of proofs logged, until the token expires.
+    proofs: Mutex<HashMap<(u32, Fingerprint, String), Instant>>,
 }
 
 /// A grant already logged: what its repeats are counted under.
@@ -334,6 +336,45 @@ impl Audit {
         }
     }
 
+    /// A DPoP proof handed out: logged the first time its uid gets one for a given token and target origin
+    /// (scheme, host and port), counted otherwise, like grants.
+    pub fn proof(
+        &self,
+        key: LogKey,
+        caller: &Caller,
+        client: &str,
+        token: Fingerprint,
+        url: &url::Url,
+        expires: Instant,
+    ) {
+        let origin = url.origin().ascii_serialization();
+        let first = {
+            let mut proofs = self.proofs.lock().unwrap_or_else(|e| e.into_inner());
+            if proofs.len() >= MAX_TRACKED_GRANTS {
+                let now = Instant::now();
+                proofs.retain(|_, until| *until > now);
+            }
+            proofs.len() < MAX_TRACKED_GRANTS
+                && proofs
+                    .insert((caller.uid, token, origin.clone()), expires)
+                    .is_none()
+        };
+        if first && self.budget.allow(key, Kind::Grant) {
+            tracing::info!(
+                target: TARGET,
+                event = "proof",
+                uid = caller.uid,
+                user = caller.user.as_deref().unwrap_or(""),
+                pid = caller.pid,
+                exe = exe(caller).as_str(),
+                client,
+                token = %token,
+                target = clip(&origin).to_string().as_str(),
+                "DPoP proofs given for this token and target"
+            );
+        }
+    }
+
     /// Sums up what the budgets suppressed, and the repeats of grants whose token expired or that were last
     /// summed up [`REPEATS_EVERY`] ago (forgetting the expired ones); with `all` (at shutdown), every
     /// repeat.
@@ -349,6 +390,10 @@ impl Audit {
             }
             !expired
         });
+        self.proofs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, until| *until > now);
         for (key, uid, user, client, fp, count) in due {
             if self.budget.allow(key, Kind::Repeats) {
                 tracing::info!(

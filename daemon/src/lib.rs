@@ -114,7 +114,7 @@ pub async fn run(
         Arc::new(config),
         upstream,
         Path::new("/proc"),
-    ));
+    )?);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<TokenBrokerServer<service::Broker>>()

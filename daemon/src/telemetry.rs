@@ -55,6 +55,7 @@ pub struct Metrics {
     connections_refused: IntCounter,
     reloads: IntCounterVec,
     log_lines_suppressed: IntCounterVec,
+    proofs: IntCounterVec,
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
     connections: IntGauge,
@@ -222,6 +223,18 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            proofs: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "credbroker_dpop_proofs_total",
+                        "DPoP proofs asked for, by client (a configured name) and outcome (the gRPC status \
+                         code, lowercase: ok when one was given).",
+                    ),
+                    &["client", "outcome"],
+                )
+                .expect("valid metric"),
+            ),
             cache_entries: gauge(
                 &r,
                 "credbroker_cache_entries",
@@ -296,6 +309,11 @@ impl Metrics {
     /// A request refused by its uid's rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.inc();
+    }
+
+    /// A proof asked of `client` (a configured client's name), answered with `outcome`.
+    pub fn proof(&self, client: &str, outcome: &str) {
+        self.proofs.with_label_values(&[client, outcome]).inc();
     }
 
     /// An audit line of `kind` not logged: its budget was spent.

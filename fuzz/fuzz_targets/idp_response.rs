@@ -46,6 +46,7 @@ fn client() -> &'static ClientConfig {
             default_ttl: Duration::from_secs(300),
             timeout: Duration::from_secs(10),
             tls_roots: None,
+            dpop: false,
         }
     })
 }

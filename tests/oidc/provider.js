@@ -5,12 +5,14 @@
 //   "clients": [{ "client_id": "...", "auth": "client_secret_basic" | "client_secret_post" | "private_key_jwt",
 //                 "client_secret": "...", "alg": "ES256" | "RS256" | "PS256", "scope": "a b" }],
 //   "resources": { "https://api.example.com": { "scope": "a b" } },
-//   "issuer_host": "127.0.0.1" (the host named in the issuer; it always listens on 127.0.0.1) }
+//   "issuer_host": "127.0.0.1" (the host named in the issuer; it always listens on 127.0.0.1),
+//   "dpop": true (DPoP on, a server nonce required in every proof; clients with "dpop": true get only
+//                 DPoP-bound tokens) }
 // For private_key_jwt clients a key pair is generated here; the first line printed is JSON:
 //   { "issuer": "http://127.0.0.1:PORT", "keys": { "<client_id>": { "pem": "...", "kid": "..." } } }
 // Then the provider serves until killed.
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { generateKeyPairSync, randomBytes, randomUUID } from 'node:crypto';
 import Provider, { errors } from 'oidc-provider';
 
 const input = JSON.parse(process.argv[2] ?? '{}');
@@ -24,6 +26,7 @@ const clients = (input.clients ?? []).map((c) => {
     token_endpoint_auth_method: c.auth,
     scope: c.scope,
   };
+  if (c.dpop) client.dpop_bound_access_tokens = true;
   if (c.auth === 'private_key_jwt') {
     const kid = randomUUID();
     const pair = c.alg === 'RS256' || c.alg === 'PS256'
@@ -47,6 +50,9 @@ server.listen(0, '127.0.0.1', () => {
     scopes: input.scopes ?? [],
     features: {
       devInteractions: { enabled: false },
+      ...(input.dpop
+        ? { dPoP: { enabled: true, nonceSecret: randomBytes(32), requireNonce: () => true } }
+        : {}),
       clientCredentials: { enabled: true },
       resourceIndicators: {
         enabled: true,

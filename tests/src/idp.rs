@@ -56,6 +56,8 @@ pub enum Fault {
     ExpiresInString,
     /// Answer `invalid_client` with a description that echoes the secret the broker sent (a sloppy server).
     EchoSecret,
+    /// Issue plain Bearer tokens even to requests with a DPoP proof (a server that ignores DPoP).
+    IgnoreDpop,
 }
 
 /// One request the endpoint received.
@@ -73,6 +75,9 @@ pub struct Recorded {
     pub token: Option<String>,
     /// When the token issued expires.
     pub valid_until: Option<std::time::Instant>,
+    /// The request carried a valid DPoP proof: the thumbprint of its key (the token is bound to it when one
+    /// was issued) and the nonce it carried.
+    pub dpop: Option<(String, Option<String>)>,
 }
 
 struct State {
@@ -83,6 +88,12 @@ struct State {
     arrivals: AtomicUsize,
     expires_in: AtomicU64,
     requests: Mutex<Vec<Recorded>>,
+    /// The token endpoint's URL, as proofs must name it (`htu`).
+    token_url: Mutex<String>,
+    /// The nonce proofs must carry, once required.
+    dpop_nonce: Mutex<Option<String>>,
+    /// Proof `jti`s seen.
+    seen_jti: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running stand-in endpoint.
@@ -152,8 +163,15 @@ impl StandInIdp {
             arrivals: AtomicUsize::new(0),
             expires_in: AtomicU64::new(3600),
             requests: Mutex::new(Vec::new()),
+            token_url: Mutex::new(String::new()),
+            dpop_nonce: Mutex::new(None),
+            seen_jti: Mutex::default(),
         });
         let https = tls.is_some();
+        *state.token_url.lock().unwrap() = format!(
+            "{}://{addr}/oauth2/token",
+            if https { "https" } else { "http" }
+        );
         let task = tokio::spawn(serve(listener, state.clone(), tls));
         Self {
             addr,
@@ -184,6 +202,23 @@ impl StandInIdp {
     /// Makes the next `n` requests fail with HTTP `status`, then behave as the fault says.
     pub fn fail_next(&self, n: usize, status: u16) {
         *self.state.fail_next.lock().unwrap() = (n, status);
+    }
+
+    /// From now on, a DPoP proof must carry `nonce`: one without it is answered `use_dpop_nonce` with a
+    /// `DPoP-Nonce: nonce` header, as servers that require nonces do.
+    pub fn require_dpop_nonce(&self, nonce: &str) {
+        *self.state.dpop_nonce.lock().unwrap() = Some(nonce.to_owned());
+    }
+
+    /// The key a token is bound to (its `cnf.jkt`), if it is active and was issued DPoP-bound.
+    pub fn binding(&self, token: &str) -> Option<String> {
+        binding(&self.state, token)
+    }
+
+    /// [`StandInIdp::binding`] as a function a resource server can keep (what introspection would tell it).
+    pub fn bindings(&self) -> crate::dpop::Binding {
+        let state = self.state.clone();
+        Arc::new(move |token: &str| binding(&state, token))
     }
 
     /// Sets the `expires_in` of the next tokens.
@@ -298,6 +333,20 @@ fn basic_credentials(req: &Request<Incoming>) -> Option<Option<(String, String)>
     }))
 }
 
+/// The thumbprint of the key `token` is bound to, if it is active and bound.
+fn binding(state: &State, token: &str) -> Option<String> {
+    if !is_valid(state, token) {
+        return None;
+    }
+    state
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.token.as_deref() == Some(token))
+        .and_then(|r| r.dpop.as_ref().map(|(jkt, _)| jkt.clone()))
+}
+
 /// Whether `token` was issued and has not expired.
 fn is_valid(state: &State, token: &str) -> bool {
     state.requests.lock().unwrap().iter().any(|r| {
@@ -318,12 +367,11 @@ async fn introspect(req: Request<Incoming>, state: Arc<State>) -> Resp {
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned())
         .unwrap_or_default();
-    let active = is_valid(&state, &token);
-    respond(
-        StatusCode::OK,
-        "application/json",
-        serde_json::json!({ "active": active }).to_string(),
-    )
+    let mut answer = serde_json::json!({ "active": is_valid(&state, &token) });
+    if let Some(jkt) = binding(&state, &token) {
+        answer["cnf"] = serde_json::json!({ "jkt": jkt });
+    }
+    respond(StatusCode::OK, "application/json", answer.to_string())
 }
 
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infallible> {
@@ -340,6 +388,11 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let basic = basic_credentials(&req);
+    let dpop = req
+        .headers()
+        .get("dpop")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let Ok(body) = Limited::new(req.into_body(), 64 * 1024).collect().await else {
         return Ok(oauth_error(
             StatusCode::BAD_REQUEST,
@@ -384,6 +437,7 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
             .collect(),
         token: None,
         valid_until: None,
+        dpop: None,
     };
     let fault = {
         let mut next = state.fail_next.lock().unwrap();
@@ -394,7 +448,16 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
             state.fault.lock().unwrap().clone()
         }
     };
-    let response = decide(&state, &fault, form_type, &params, auth, creds, &mut record).await;
+    let response = decide(
+        &state,
+        &fault,
+        form_type,
+        &params,
+        (auth, creds),
+        dpop.as_deref(),
+        &mut record,
+    )
+    .await;
     state.requests.lock().unwrap().push(record);
     Ok(response)
 }
@@ -404,8 +467,8 @@ async fn decide(
     fault: &Fault,
     form_type: bool,
     params: &[(String, String)],
-    auth: &str,
-    creds: Option<(String, String)>,
+    (auth, creds): (&str, Option<(String, String)>),
+    dpop: Option<&str>,
     record: &mut Recorded,
 ) -> Resp {
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -496,6 +559,40 @@ async fn decide(
             &format!("scope {bad} is not allowed"),
         );
     }
+    // DPoP (RFC 9449 §5): a valid proof for this endpoint, with the nonce when one is required, binds the
+    // token to its key.
+    let mut token_type = "Bearer";
+    if let Some(proof) = dpop.filter(|_| *fault != Fault::IgnoreDpop) {
+        let htu = state.token_url.lock().unwrap().clone();
+        let checked = match crate::dpop::check(proof, "POST", &htu, None, None) {
+            Ok(c) => c,
+            Err(why) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_dpop_proof", &why),
+        };
+        record.dpop = Some((checked.jkt.clone(), checked.nonce.clone()));
+        let required = state.dpop_nonce.lock().unwrap().clone();
+        if let Some(nonce) = required
+            && checked.nonce.as_deref() != Some(nonce.as_str())
+        {
+            let mut r = oauth_error(
+                StatusCode::BAD_REQUEST,
+                "use_dpop_nonce",
+                "Authorization server requires nonce in DPoP proof",
+            );
+            r.headers_mut().insert(
+                "dpop-nonce",
+                nonce.parse().expect("a nonce is a header value"),
+            );
+            return r;
+        }
+        if !state.seen_jti.lock().unwrap().insert(checked.jti) {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_dpop_proof",
+                "the proof's jti was used before",
+            );
+        }
+        token_type = "DPoP";
+    }
     let token = uuid::Uuid::new_v4().to_string();
     record.token = Some(token.clone());
     let mut granted = requested.join(" ");
@@ -507,7 +604,7 @@ async fn decide(
         Some(std::time::Instant::now() + std::time::Duration::from_secs(expires_in));
     let mut body = serde_json::json!({
         "access_token": token,
-        "token_type": "Bearer",
+        "token_type": token_type,
         "expires_in": expires_in,
         "scope": granted,
     });

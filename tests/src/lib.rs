@@ -4,6 +4,7 @@
 //! The binaries are the ones `cargo build --workspace --bins` put next to the test executable
 //! (`target/<profile>/`); the README's test command builds them first.
 
+pub mod dpop;
 pub mod fixture;
 pub mod idp;
 pub mod oidc;

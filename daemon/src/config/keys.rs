@@ -339,6 +339,12 @@ pub const KEYS: &[Key] = &[
         "per IdP request, connection to last byte",
     ),
     key(
+        "clients.NAME.dpop",
+        "boolean",
+        "`false`",
+        "bind this client's tokens to a key the daemon holds (DPoP, RFC 9449): an EC P-256 key made at start, in memory only; every token request carries a proof, the IdP must answer `token_type` `DPoP`, and callers get proofs for their requests with `Proof` (`credbroker proof`) only for their policy's `dpop_targets`",
+    ),
+    key(
         "policy",
         "array of tables",
         "none",
@@ -410,6 +416,12 @@ pub const KEYS: &[Key] = &[
         "scope or list",
         "required",
         "exact scopes, or a prefix ending in `*` (`internal_user_mgt_*`; a lone `*` allows any scope)",
+    ),
+    key(
+        "policy.dpop_targets",
+        "URL prefix or list",
+        "none; required when a client named has `dpop = true`",
+        "the APIs this policy's callers may get DPoP proofs for: scheme, host, port and a path prefix of whole segments (`https://api.example.com/v1/`); https only, plain http for loopback; no user info, query or fragment. A token whose scopes several policies allow gets proofs only for URLs every one of them lists",
     ),
 ];
 

@@ -21,6 +21,7 @@ use reqwest::Url;
 use toml::Value;
 
 use crate::policy::scope::ScopePattern;
+use crate::policy::target::Target;
 use crate::policy::{Matcher, Policy, PolicySet};
 use crate::secret::{FileKind, Rotating, Secret, SecretEnv, SecretSource};
 use crate::sys;
@@ -243,6 +244,15 @@ impl Config {
             Some(Value::Table(t)) => t.keys().map(String::as_str).collect(),
             _ => HashSet::new(),
         };
+        // Clients whose tokens are bound to a DPoP key: policies granting them must say for which APIs.
+        let dpop_clients: HashSet<&str> = match root.get("clients") {
+            Some(Value::Table(t)) => t
+                .iter()
+                .filter(|(_, c)| c.get("dpop") == Some(&Value::Boolean(true)))
+                .map(|(name, _)| name.as_str())
+                .collect(),
+            _ => HashSet::new(),
+        };
         let mut policies = Vec::new();
         match t.get("policy") {
             None => {}
@@ -262,7 +272,7 @@ impl Config {
                             format!("duplicate policy name {name:?}"),
                         );
                     }
-                    if let Some(p) = policy(&mut errs, &key, pt, &known_clients) {
+                    if let Some(p) = policy(&mut errs, &key, pt, &known_clients, &dpop_clients) {
                         policies.push(p);
                     }
                 }
@@ -859,6 +869,7 @@ fn client_config(
     let timeout = t.get("timeout").map_or(Some(Duration::from_secs(10)), |v| {
         duration(errs, &t.key("timeout"), v)
     });
+    let dpop = t.flag(errs, "dpop", false);
     let system_roots = t.flag(errs, "system_roots", true);
     let tls_roots = match t.get("ca_certificates") {
         Some(v) => credential(
@@ -898,6 +909,7 @@ fn client_config(
         default_ttl: default_ttl?,
         timeout: timeout?,
         tls_roots,
+        dpop,
     })
 }
 
@@ -1122,6 +1134,7 @@ fn policy(
     prefix: &str,
     table: &toml::Table,
     clients: &HashSet<&str>,
+    dpop_clients: &HashSet<&str>,
 ) -> Option<Policy> {
     let before = errs.0.len();
     let mut t = Walk::new(prefix, table);
@@ -1181,6 +1194,25 @@ fn policy(
                 p
             })
         });
+    let dpop_targets = match t.get("dpop_targets") {
+        None => Some(Vec::new()),
+        Some(v) => one_or_list(errs, &t.key("dpop_targets"), v, |errs, key, v| {
+            let s = string(errs, key, v)?;
+            Target::parse(&s).map_err(|e| errs.push(key, e)).ok()
+        }),
+    };
+    if let (Some(list), Some(targets)) = (&client_list, &dpop_targets)
+        && targets.is_empty()
+        && let Some(bound) = list.iter().find(|c| dpop_clients.contains(c.as_str()))
+    {
+        errs.push(
+            t.key("dpop_targets"),
+            format!(
+                "missing; client {bound:?} has dpop = true, so its callers need proofs: list the API URL \
+                 prefixes they may get them for, e.g. dpop_targets = [\"https://api.example.com/v1/\"]"
+            ),
+        );
+    }
     t.finish(errs);
     if errs.0.len() != before {
         return None;
@@ -1190,6 +1222,7 @@ fn policy(
         matcher: matcher?,
         clients: client_list?,
         scopes: scopes?,
+        dpop_targets: dpop_targets?,
     })
 }
 

@@ -217,6 +217,7 @@ fn client_table(out: &mut String, c: &ClientConfig) {
     );
     key(out, "default_ttl", duration(c.default_ttl));
     key(out, "timeout", duration(c.timeout));
+    key(out, "dpop", c.dpop);
 }
 
 fn policy_table(out: &mut String, p: &Policy) {
@@ -233,6 +234,18 @@ fn policy_table(out: &mut String, p: &Policy) {
                 .collect(),
         ),
     );
+    if !p.dpop_targets.is_empty() {
+        key(
+            out,
+            "dpop_targets",
+            Value::Array(
+                p.dpop_targets
+                    .iter()
+                    .map(|t| Value::String(t.as_str().to_owned()))
+                    .collect(),
+            ),
+        );
+    }
 }
 
 fn matcher(m: &Matcher) -> Value {
@@ -337,6 +350,7 @@ token_url = "https://login.example/token"
 client_id = "fed"
 auth_method = "client_assertion"
 client_assertion = { file = "/var/run/secrets/tokens/token.jwt" }
+dpop = true
 
 [[policy]]
 name = "everyone"
@@ -355,6 +369,7 @@ name = "people \"q\""
 match = { uid = [0, 1], user = "root", gid = 0, group = ["root"] }
 client = "federated"
 scopes = ["*"]
+dpop_targets = ["https://API.example:443/v1", "http://127.0.0.1:8080/"]
 "#;
 
     /// What each source holds, without touching a file or a variable.

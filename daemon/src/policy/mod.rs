@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use crate::identity::peer::{Caller, FileId};
 pub mod scope;
+pub mod target;
 
 use scope::{ScopePattern, ScopeSet};
+use target::Target;
 
 /// One `[[policy]]` of the config.
 #[derive(Clone, Debug)]
@@ -24,6 +26,8 @@ pub struct Policy {
     pub clients: Vec<String>,
     /// The scopes it allows on those clients.
     pub scopes: Vec<ScopePattern>,
+    /// URL prefixes of the APIs its callers may get DPoP proofs for.
+    pub dpop_targets: Vec<Target>,
 }
 
 /// The `match` table of a policy: all given keys must match; each key matches if any of its values does.
@@ -209,6 +213,18 @@ pub enum Refusal {
         /// How the daemon saw the caller.
         caller: String,
     },
+    /// A DPoP proof for a URL outside the `dpop_targets` of the policies that allow the scopes.
+    #[error(
+        "no DPoP proof for {url}: it is not within the dpop_targets of policies {policies} (for {caller})"
+    )]
+    TargetNotAllowed {
+        /// The URL, as parsed (query and fragment left out), clipped.
+        url: String,
+        /// The policies that allowed the scopes.
+        policies: String,
+        /// How the daemon saw the caller.
+        caller: String,
+    },
 }
 
 impl Refusal {
@@ -229,6 +245,21 @@ pub struct Allowed {
     /// Whether one of those policies matched on the caller's executable: then the decision holds only while
     /// the process still runs that executable.
     pub by_exe: bool,
+    /// The `dpop_targets` of each of those policies.
+    pub dpop_targets: Vec<Vec<Target>>,
+}
+
+impl Allowed {
+    /// Whether a DPoP proof for `url` may go with the token: every policy that allowed one of its scopes
+    /// lists a target that covers the URL. (A token carrying scopes that two policies allow is presented only
+    /// where both policies say their scopes may go.)
+    pub fn proof_allowed(&self, url: &url::Url) -> bool {
+        !self.dpop_targets.is_empty()
+            && self
+                .dpop_targets
+                .iter()
+                .all(|targets| targets.iter().any(|t| t.covers(url)))
+    }
 }
 
 /// The policies of a config, in order.
@@ -323,6 +354,7 @@ impl PolicySet {
             });
         }
         let mut policies = Vec::new();
+        let mut dpop_targets = Vec::new();
         let mut by_exe = false;
         for scope in scopes.iter() {
             let Some(p) = for_client.iter().find(|p| p.allows(scope)) else {
@@ -334,6 +366,7 @@ impl PolicySet {
             };
             if !policies.contains(&p.name) {
                 policies.push(p.name.clone());
+                dpop_targets.push(p.dpop_targets.clone());
                 by_exe |= p.matcher.exe.is_some();
             }
         }
@@ -341,6 +374,7 @@ impl PolicySet {
             client,
             policies,
             by_exe,
+            dpop_targets,
         })
     }
 
@@ -525,6 +559,7 @@ mod tests {
                 .iter()
                 .map(|s| ScopePattern::parse(s).unwrap())
                 .collect(),
+            dpop_targets: Vec::new(),
         }
     }
 

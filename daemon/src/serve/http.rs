@@ -4,6 +4,8 @@
 //!
 //! - `GET /v1/token?scope=S&scope=S2&client=C&min_ttl=SECONDS`: the JSON of `credbroker token --format json`.
 //! - `GET /v1/whoami`: the JSON of `credbroker whoami --format json`.
+//! - `GET /v1/proof?scope=S&client=C&method=M&url=U&nonce=N`: `{"authorization", "dpop"}`, the two headers of
+//!   a request to an API with a DPoP-bound token (the JSON of `credbroker proof --format json`).
 //!
 //! Every request must carry `Credbroker-Request: true`; none may have a body. Errors are JSON
 //! `{"error": "<gRPC status name, lowercase>", "message": "…"}` with the HTTP status of [`http_status`]. The
@@ -112,11 +114,11 @@ async fn route(
     has_body: bool,
 ) -> Result<serde_json::Value, Failure> {
     let path = parts.uri.path();
-    if path != "/v1/token" && path != "/v1/whoami" {
+    if !["/v1/token", "/v1/whoami", "/v1/proof"].contains(&path) {
         return Err(Failure::new(
             Code::NotFound,
             format!(
-                "no such route {:?}: use GET /v1/token or GET /v1/whoami",
+                "no such route {:?}: use GET /v1/token, /v1/whoami or /v1/proof",
                 crate::text::clip(path).to_string()
             ),
         ));
@@ -161,8 +163,19 @@ async fn route(
         let me = broker.whoami(request).await.map_err(failure)?;
         return Ok(whoami_json(&me));
     }
-    let query = parse_query(parts.uri.query().unwrap_or(""))?;
-    let mut request = tonic::Request::new(query);
+    let proof = path == "/v1/proof";
+    let query = parse_query(parts.uri.query().unwrap_or(""), proof)?;
+    if proof {
+        let mut request = tonic::Request::new(query);
+        request.extensions_mut().insert(conn);
+        let p = broker.proof(request).await.map_err(failure)?;
+        return Ok(serde_json::json!({ "authorization": p.authorization, "dpop": p.dpop }));
+    }
+    let mut request = tonic::Request::new(pb::GetTokenRequest {
+        scopes: query.scopes,
+        client: query.client,
+        min_ttl_seconds: query.min_ttl_seconds,
+    });
     request.extensions_mut().insert(conn);
     let token = broker.token(request).await.map_err(failure)?;
     Ok(token_json(&token))
@@ -178,12 +191,18 @@ fn failure(e: crate::error::Error) -> Failure {
     }
 }
 
-/// `scope` (repeated; `%20` separates scopes inside one value), `client`, `min_ttl` (seconds). Percent-decoded
-/// as RFC 3986 says: `+` is a literal plus, a valid scope character.
-fn parse_query(query: &str) -> Result<pb::GetTokenRequest, Failure> {
+/// `scope` (repeated; `%20` separates scopes inside one value), `client`, `min_ttl` (seconds), and for a proof
+/// `method`, `url` and `nonce`. Percent-decoded as RFC 3986 says: `+` is a literal plus, a valid scope
+/// character.
+fn parse_query(query: &str, proof: bool) -> Result<pb::ProofRequest, Failure> {
     let bad = |m: String| Failure::new(Code::InvalidArgument, m);
-    let mut request = pb::GetTokenRequest::default();
-    let (mut client, mut min_ttl) = (false, false);
+    let mut request = pb::ProofRequest::default();
+    let mut seen: Vec<&str> = Vec::new();
+    let known: &[&str] = if proof {
+        &["client", "min_ttl", "method", "url", "nonce"]
+    } else {
+        &["client", "min_ttl"]
+    };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(value).ok_or_else(|| {
@@ -192,36 +211,40 @@ fn parse_query(query: &str) -> Result<pb::GetTokenRequest, Failure> {
                 crate::text::clip(key).to_string()
             ))
         })?;
+        if key == "scope" {
+            request.scopes.extend(
+                value
+                    .split(' ')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned),
+            );
+            // Bounded here as in gRPC: the scope rules then say what is wrong.
+            if request.scopes.len() > crate::policy::scope::MAX_SCOPES + 1 {
+                break;
+            }
+            continue;
+        }
+        let Some(&key) = known.iter().find(|k| **k == key) else {
+            return Err(bad(format!(
+                "unknown parameter {:?}: use scope, {}",
+                crate::text::clip(key).to_string(),
+                known.join(", ")
+            )));
+        };
+        if seen.contains(&key) {
+            return Err(bad(format!("{key} is given more than once")));
+        }
+        seen.push(key);
         match key {
-            "scope" => {
-                request.scopes.extend(
-                    value
-                        .split(' ')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned),
-                );
-                // Bounded here as in gRPC: the scope rules then say what is wrong.
-                if request.scopes.len() > crate::policy::scope::MAX_SCOPES + 1 {
-                    break;
-                }
-            }
-            "client" if !client => {
-                client = true;
-                request.client = value;
-            }
-            "min_ttl" if !min_ttl => {
-                min_ttl = true;
+            "client" => request.client = value,
+            "min_ttl" => {
                 request.min_ttl_seconds = value
                     .parse()
                     .map_err(|_| bad("min_ttl must be a whole number of seconds".to_owned()))?;
             }
-            "client" | "min_ttl" => return Err(bad(format!("{key} is given more than once"))),
-            other => {
-                return Err(bad(format!(
-                    "unknown parameter {:?}: use scope, client, min_ttl",
-                    crate::text::clip(other).to_string()
-                )));
-            }
+            "method" => request.method = value,
+            "url" => request.url = value,
+            _ => request.nonce = value,
         }
     }
     Ok(request)
@@ -326,15 +349,27 @@ mod tests {
 
     #[test]
     fn queries_decode_as_rfc_3986_says() {
-        let r = parse_query("scope=a%3Ab+c&scope=d%20e&client=idp&min_ttl=90").unwrap();
+        let r = parse_query("scope=a%3Ab+c&scope=d%20e&client=idp&min_ttl=90", false).unwrap();
         assert_eq!(r.scopes, ["a:b+c", "d", "e"]);
         assert_eq!(r.client, "idp");
         assert_eq!(r.min_ttl_seconds, 90);
-        assert!(parse_query("scope=%zz").is_err());
-        assert!(parse_query("scope=%ff").is_err(), "not UTF-8");
-        assert!(parse_query("scope=a&color=red").is_err());
-        assert!(parse_query("client=a&client=b").is_err());
-        assert!(parse_query("min_ttl=soon").is_err());
+        assert!(parse_query("scope=%zz", false).is_err());
+        assert!(parse_query("scope=%ff", false).is_err(), "not UTF-8");
+        assert!(parse_query("scope=a&color=red", false).is_err());
+        assert!(parse_query("client=a&client=b", false).is_err());
+        assert!(parse_query("min_ttl=soon", false).is_err());
+        // A proof's request: method, URL and nonce, each once; a token request takes none of them.
+        let p = parse_query(
+            "scope=a&method=GET&url=https%3A%2F%2Fapi.example%2Fv1%3Fq%3D1&nonce=n-1",
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.method.as_str(), p.url.as_str(), p.nonce.as_str()),
+            ("GET", "https://api.example/v1?q=1", "n-1")
+        );
+        assert!(parse_query("scope=a&url=x&url=y", true).is_err());
+        assert!(parse_query("scope=a&method=GET", false).is_err());
     }
 
     #[test]

@@ -18,10 +18,12 @@ use crate::config::{Config, Origin};
 use crate::error::Error;
 use crate::identity::peer::{Caller, PeerError};
 use crate::policy::scope::ScopeSet;
+use crate::policy::target;
 use crate::serve::conn::Connection;
 use crate::telemetry;
 use crate::tokens::cache::{CacheConfig, CacheKey, FetchFuture, MinTtl, TokenCache};
 use crate::tokens::client::ClientConfig;
+use crate::tokens::dpop;
 use crate::tokens::ratelimit::RateLimiter;
 use crate::tokens::retry::{Attempt, RetryPolicy, Retrying};
 use crate::tokens::upstream::{Issued, Upstream, UpstreamError};
@@ -168,8 +170,17 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker serving `config`, fetching through `upstream`. `proc_root` is `/proc` outside tests.
-    pub fn new(config: Arc<Config>, upstream: Upstream, proc_root: &Path) -> Self {
+    /// A broker serving `config`, fetching through `upstream`. `proc_root` is `/proc` outside tests. Clients
+    /// with `dpop = true` get their keys now.
+    ///
+    /// # Errors
+    /// When a DPoP key cannot be made (the system's random source failed).
+    pub fn new(
+        config: Arc<Config>,
+        upstream: Upstream,
+        proc_root: &Path,
+    ) -> Result<Self, crate::tokens::dpop::DpopError> {
+        upstream.prepare_dpop(config.clients.values().map(|c| &**c), &[])?;
         let clients = Arc::new(RwLock::new(config.clients.clone()));
         let health = Health::default();
         let fetcher = Retrying::new(
@@ -191,7 +202,7 @@ impl Broker {
                 ..CacheConfig::default()
             },
         );
-        Self {
+        Ok(Self {
             state: RwLock::new(Arc::new(State {
                 limiter: Arc::new(RateLimiter::new(config.daemon.rate_limit)),
                 config,
@@ -203,7 +214,7 @@ impl Broker {
             health,
             started: (SystemTime::now(), Instant::now()),
             audit: audit::Audit::default(),
-        }
+        })
     }
 
     /// When the broker started: wall-clock time, and the monotonic instant for uptime.
@@ -325,6 +336,13 @@ impl Broker {
         changed.sort();
         *write(&self.clients) = new.clients.clone();
         self.upstream.forget_discovered();
+        // DPoP keys stay with clients whose tokens stay (the tokens are bound to them).
+        if let Err(e) = self
+            .upstream
+            .prepare_dpop(new.clients.values().map(|c| &**c), &changed)
+        {
+            tracing::error!(error = %e, "cannot make DPoP keys; those clients' fetches fail until a reload");
+        }
         let tokens_dropped = self
             .cache
             .retain_clients(|c| !changed.iter().any(|x| x == c));
@@ -403,33 +421,78 @@ impl Broker {
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<pb::GetTokenResponse, Error> {
-        let (conn, caller) = match self.caller(&request).await {
-            Ok(c) => c,
-            Err(e) => {
-                let key = request
-                    .extensions()
-                    .get::<Arc<Connection>>()
-                    .map_or(audit::LogKey::Pooled, |c| c.log_key());
-                let r = request.get_ref();
-                self.audit.denied(key, None, &r.client, &r.scopes, &e);
-                return Err(e);
-            }
-        };
-        let log = conn.log_key();
+        let (conn, caller, log) = self.identified(&request, |r| (&r.client, &r.scopes))?;
         let req = request.into_inner();
+        let ask = Ask {
+            client: &req.client,
+            scopes: &req.scopes,
+            min_ttl_seconds: req.min_ttl_seconds,
+        };
+        let served = self.serve_token(&conn, &caller, log, ask, None).await?;
+        let now = Instant::now();
+        Ok(pb::GetTokenResponse {
+            access_token: served.token.access_token.expose_secret().to_owned(),
+            token_type: served.token.token_type.clone(),
+            expires_at: Some(prost_types::Timestamp::from(
+                served.token.expires_at_wall(now),
+            )),
+            scopes: served.token.granted.to_vec(),
+            client: served.client.name.clone(),
+        })
+    }
+
+    /// The caller of `request`, or why there is none (audited as a denial with what the request asked).
+    fn identified<T>(
+        &self,
+        request: &Request<T>,
+        asked: impl Fn(&T) -> (&String, &Vec<String>),
+    ) -> Result<(Arc<Connection>, Arc<Caller>, audit::LogKey), Error> {
+        let conn = request.extensions().get::<Arc<Connection>>().cloned();
+        let log = conn.as_ref().map_or(audit::LogKey::Pooled, |c| c.log_key());
+        let result = conn
+            .ok_or_else(|| {
+                Error::Unauthenticated(PeerError::Credentials(std::io::Error::other(
+                    "not a Unix socket peer",
+                )))
+            })
+            .and_then(|conn| {
+                let caller = conn.caller().map_err(Error::Unauthenticated)?;
+                Ok((conn, caller))
+            });
+        match result {
+            Ok((conn, caller)) => Ok((conn, caller, log)),
+            Err(e) => {
+                let (client, scopes) = asked(request.get_ref());
+                self.audit.denied(log, None, client, scopes, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// GetToken's decision and fetch, for `caller` asking `ask`: the token (from the cache or the IdP) with
+    /// what allowed it; every outcome audited. With `proof_for`, the token is for a DPoP proof for that URL:
+    /// the client must bind its tokens and the policies allow proofs for it, or nothing is fetched.
+    async fn serve_token(
+        &self,
+        conn: &Connection,
+        caller: &Arc<Caller>,
+        log: audit::LogKey,
+        ask: Ask<'_>,
+        proof_for: Option<&url::Url>,
+    ) -> Result<Served, Error> {
         let state = self.state();
         let deny = |e: Error| {
             self.audit
-                .denied(log, Some(&caller), &req.client, &req.scopes, &e);
+                .denied(log, Some(caller), ask.client, ask.scopes, &e);
             e
         };
-        if req.client.len() > MAX_CLIENT_NAME {
+        if ask.client.len() > MAX_CLIENT_NAME {
             return Err(deny(Error::InvalidRequest(format!(
                 "client name is longer than {MAX_CLIENT_NAME} bytes"
             ))));
         }
-        let scopes = ScopeSet::parse(&req.scopes).map_err(|e| deny(Error::Scopes(e)))?;
-        let min_ttl = match Duration::from_secs(req.min_ttl_seconds.into()) {
+        let scopes = ScopeSet::parse(ask.scopes).map_err(|e| deny(Error::Scopes(e)))?;
+        let min_ttl = match Duration::from_secs(ask.min_ttl_seconds.into()) {
             d if d > MAX_MIN_TTL => {
                 return Err(deny(Error::InvalidRequest(format!(
                     "min_ttl_seconds must be at most {}",
@@ -442,7 +505,7 @@ impl Broker {
         let allowed = state
             .config
             .policies
-            .authorize(&caller, &req.client, &scopes, |c| {
+            .authorize(caller, ask.client, &scopes, |c| {
                 state.config.clients.contains_key(c)
             })
             .map_err(|r| deny(Error::Refused(r)))?;
@@ -451,6 +514,24 @@ impl Broker {
                 .map_err(|e| deny(Error::Unauthenticated(e)))?;
         }
         let client = state.config.clients[&allowed.client].clone();
+        if let Some(url) = proof_for {
+            if !client.dpop {
+                return Err(deny(Error::InvalidRequest(format!(
+                    "client {:?} does not bind its tokens (dpop = false): send its token as a Bearer \
+                     token (GetToken)",
+                    client.name
+                ))));
+            }
+            if !allowed.proof_allowed(url) {
+                return Err(deny(Error::Refused(
+                    crate::policy::Refusal::TargetNotAllowed {
+                        url: crate::text::clip_escaped(&target::htu(url)).to_string(),
+                        policies: allowed.policies.join(", "),
+                        caller: caller.to_string(),
+                    },
+                )));
+            }
+        }
 
         let key = CacheKey {
             client: client.name.as_str().into(),
@@ -472,7 +553,7 @@ impl Broker {
                     client: client.name.clone(),
                     source,
                 };
-                self.audit.failed(log, &caller, &client.name, &scopes, &e);
+                self.audit.failed(log, caller, &client.name, &scopes, &e);
                 e
             })?;
         let now = Instant::now();
@@ -486,7 +567,7 @@ impl Broker {
         self.audit.granted(
             log,
             &audit::Grant {
-                caller: &caller,
+                caller,
                 client: &client.name,
                 requested: &scopes,
                 granted: &token.granted,
@@ -497,12 +578,101 @@ impl Broker {
                 credential: token.credential.as_deref(),
             },
         );
-        Ok(pb::GetTokenResponse {
-            access_token: token.access_token.expose_secret().to_owned(),
-            token_type: token.token_type.clone(),
-            expires_at: Some(prost_types::Timestamp::from(token.expires_at_wall(now))),
-            scopes: token.granted.to_vec(),
-            client: client.name.clone(),
+        Ok(Served { token, client })
+    }
+
+    /// Proof, over gRPC or HTTP.
+    pub(crate) async fn proof(
+        &self,
+        request: Request<pb::ProofRequest>,
+    ) -> Result<pb::ProofResponse, Error> {
+        let mut client_name = None;
+        let result = self.make_proof(request, &mut client_name).await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(Error::code, |_| tonic::Code::Ok);
+        telemetry::metrics().call("Proof", outcome);
+        // Labelled by configured clients only: a caller's made-up name never becomes a series.
+        if let Some(client) = client_name.filter(|c| self.config().clients.contains_key(c)) {
+            telemetry::metrics().proof(&client, crate::error::code_name(outcome));
+        }
+        result
+    }
+
+    async fn make_proof(
+        &self,
+        request: Request<pb::ProofRequest>,
+        client_name: &mut Option<String>,
+    ) -> Result<pb::ProofResponse, Error> {
+        let (conn, caller, log) = self.identified(&request, |r| (&r.client, &r.scopes))?;
+        let req = request.into_inner();
+        let deny = |e: Error| {
+            self.audit
+                .denied(log, Some(&caller), &req.client, &req.scopes, &e);
+            e
+        };
+        // The request to the API, checked before anything is fetched.
+        if !dpop::valid_method(&req.method) {
+            return Err(deny(Error::InvalidRequest(
+                "method must be an HTTP method (a token of at most 32 characters), e.g. GET"
+                    .to_owned(),
+            )));
+        }
+        let url = target::request_url(&req.url)
+            .map_err(|e| deny(Error::InvalidRequest(format!("url: {e}"))))?;
+        let nonce = match req.nonce.as_str() {
+            "" => None,
+            n if dpop::valid_nonce(n) => Some(n),
+            _ => {
+                return Err(deny(Error::InvalidRequest(
+                    "nonce must be 1 to 512 printable ASCII characters, without '\"' or '\\'"
+                        .to_owned(),
+                )));
+            }
+        };
+        let ask = Ask {
+            client: &req.client,
+            scopes: &req.scopes,
+            min_ttl_seconds: req.min_ttl_seconds,
+        };
+        let served = self
+            .serve_token(&conn, &caller, log, ask, Some(&url))
+            .await
+            .inspect_err(|_| *client_name = Some(req.client.clone()).filter(|c| !c.is_empty()))?;
+        *client_name = Some(served.client.name.clone());
+        let key = self.upstream.dpop_key(&served.client.name).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "client {:?} has no DPoP key (yet): reload the daemon",
+                served.client.name
+            ))
+        })?;
+        let token = served.token.access_token.expose_secret();
+        let proof = key
+            .proof(
+                &req.method,
+                &target::htu(&url),
+                Some(token),
+                nonce,
+                SystemTime::now(),
+            )
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        self.audit.proof(
+            log,
+            &caller,
+            &served.client.name,
+            served.token.fingerprint,
+            &url,
+            served.token.expires_at,
+        );
+        let now = Instant::now();
+        Ok(pb::ProofResponse {
+            authorization: format!("DPoP {token}"),
+            dpop: proof,
+            expires_at: Some(prost_types::Timestamp::from(
+                served.token.expires_at_wall(now),
+            )),
+            scopes: served.token.granted.to_vec(),
+            client: served.client.name.clone(),
         })
     }
 
@@ -555,6 +725,20 @@ impl Broker {
     }
 }
 
+/// What a GetToken-like request asks for.
+#[derive(Clone, Copy)]
+struct Ask<'a> {
+    client: &'a str,
+    scopes: &'a [String],
+    min_ttl_seconds: u32,
+}
+
+/// A token served, with what allowed it.
+struct Served {
+    token: Arc<crate::tokens::cache::CachedToken>,
+    client: Arc<ClientConfig>,
+}
+
 /// Operational log of an IdP failure, with the detail the caller does not get.
 fn log_upstream_failure(client: &str, scopes: &ScopeSet, e: &UpstreamError) {
     use UpstreamError as U;
@@ -600,6 +784,16 @@ impl pb::token_broker_server::TokenBroker for Broker {
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         self.whoami(request)
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
+    }
+
+    async fn proof(
+        &self,
+        request: Request<pb::ProofRequest>,
+    ) -> Result<Response<pb::ProofResponse>, Status> {
+        Broker::proof(self, request)
             .await
             .map(Response::new)
             .map_err(Status::from)

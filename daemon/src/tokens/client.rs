@@ -160,6 +160,8 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// TLS roots of its own (`ca_certificates`), if any.
     pub tls_roots: Option<TlsRoots>,
+    /// Its tokens are bound to a DPoP key the daemon holds (RFC 9449).
+    pub dpop: bool,
 }
 
 /// A client's own TLS roots: a private CA's certificates, trusted beside the system's roots or instead of them.
@@ -208,14 +210,15 @@ impl TlsRoots {
 }
 
 impl ClientConfig {
-    /// Whether tokens fetched under `other` are what this client would fetch: the same endpoint, client id
-    /// and parameters (a reload then keeps them). Credentials do not matter: a token was valid when issued,
+    /// Whether tokens fetched under `other` are what this client would fetch: the same endpoint, client id,
+    /// parameters and binding (a reload then keeps them). Credentials do not matter: a token was valid when issued,
     /// and dropping it revokes nothing.
     pub fn same_upstream(&self, other: &ClientConfig) -> bool {
         self.token_url == other.token_url
             && self.issuer == other.issuer
             && self.client_id == other.client_id
             && self.extra_params == other.extra_params
+            && self.dpop == other.dpop
     }
 }
 

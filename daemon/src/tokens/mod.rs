@@ -7,6 +7,7 @@
 pub mod assertion;
 pub mod cache;
 pub mod client;
+pub mod dpop;
 pub mod jwt;
 pub mod ratelimit;
 pub mod renewal;

@@ -27,6 +27,7 @@ use crate::secret::{Secret, SecretSource};
 use crate::tokens::client::{
     AssertionAudience, BasicEncoding, ClientAuth, ClientConfig, endpoint_url,
 };
+use crate::tokens::dpop::DpopKey;
 use crate::tokens::jwt::{self, PrivateKey};
 
 /// The credential one request authenticates with, as read for it (its file read again if it changed).
@@ -121,6 +122,15 @@ pub enum UpstreamError {
     /// The client assertion could not be made.
     #[error("cannot make the client assertion: {0}")]
     Assertion(String),
+    /// A client with `dpop = true` got a token that is not bound to its key.
+    #[error(
+        "the IdP issued a {token_type:?} token, not a DPoP-bound one, to a client with dpop = true: it is \
+         not handed out; enable DPoP for this client at the IdP, or set dpop = false"
+    )]
+    NotBound {
+        /// The `token_type` it issued (sanitised).
+        token_type: String,
+    },
 }
 
 impl UpstreamError {
@@ -131,6 +141,7 @@ impl UpstreamError {
             | Self::InvalidResponse(s)
             | Self::Discovery(s)
             | Self::Assertion(s) => s.len(),
+            Self::NotBound { token_type } => token_type.len(),
             Self::Rejected {
                 code, description, ..
             } => code.as_ref().map_or(0, String::len) + description.as_ref().map_or(0, String::len),
@@ -166,6 +177,7 @@ impl UpstreamError {
             Self::ScopeTooWide { .. } => "scope_too_wide",
             Self::Discovery(_) => "discovery",
             Self::Assertion(_) => "assertion",
+            Self::NotBound { .. } => "not_dpop_bound",
         }
     }
 
@@ -184,12 +196,13 @@ impl UpstreamError {
         }
     }
 
-    /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts).
+    /// Whether trying again later may succeed (network trouble, 5xx, 429, timeouts, and a DPoP nonce the IdP
+    /// still wanted after the one retry with it).
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
             Self::Network(_) | Self::Timeout(_) | Self::Server { .. } | Self::RateLimited { .. }
-        )
+        ) || matches!(self, Self::Rejected { code: Some(c), .. } if c == "use_dpop_nonce")
     }
 }
 
@@ -203,6 +216,16 @@ pub struct Upstream {
         std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>>,
     /// Issuer -> token endpoint.
     discovered: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Url>>>,
+    /// The DPoP key of each client with `dpop = true`, and the latest nonce its IdP gave.
+    dpop: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Dpop>>>,
+}
+
+/// A client's DPoP state.
+#[derive(Debug, Clone)]
+struct Dpop {
+    key: std::sync::Arc<DpopKey>,
+    /// The latest `DPoP-Nonce` the token endpoint sent.
+    nonce: Option<String>,
 }
 
 /// An issuer identifier as a string, without the trailing slash a URL parser adds to a bare host.
@@ -227,7 +250,63 @@ impl Upstream {
             http: Self::builder().build()?,
             with_roots: Default::default(),
             discovered: Default::default(),
+            dpop: Default::default(),
         })
+    }
+
+    /// Gives each client with `dpop = true` a key: a new one for a client that had none or is in `renew`
+    /// (its tokens were dropped), the same one otherwise (its cached tokens stay usable). Keys of other
+    /// clients are dropped (zeroized).
+    ///
+    /// # Errors
+    /// When a key cannot be made.
+    pub fn prepare_dpop<'a>(
+        &self,
+        clients: impl Iterator<Item = &'a ClientConfig>,
+        renew: &[String],
+    ) -> Result<(), crate::tokens::dpop::DpopError> {
+        let mut dpop = self.dpop.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = std::collections::HashMap::new();
+        for client in clients.filter(|c| c.dpop) {
+            let state = match dpop.remove(&client.name) {
+                Some(state) if !renew.contains(&client.name) => state,
+                _ => Dpop {
+                    key: std::sync::Arc::new(DpopKey::generate()?),
+                    nonce: None,
+                },
+            };
+            kept.insert(client.name.clone(), state);
+        }
+        *dpop = kept;
+        Ok(())
+    }
+
+    /// The DPoP key of client `name`, if it has `dpop = true`.
+    pub fn dpop_key(&self, name: &str) -> Option<std::sync::Arc<DpopKey>> {
+        self.dpop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|d| d.key.clone())
+    }
+
+    fn dpop_nonce(&self, name: &str) -> Option<String> {
+        self.dpop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .and_then(|d| d.nonce.clone())
+    }
+
+    fn remember_nonce(&self, name: &str, nonce: String) {
+        if let Some(d) = self
+            .dpop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(name)
+        {
+            d.nonce = Some(nonce);
+        }
     }
 
     fn builder() -> reqwest::ClientBuilder {
@@ -448,7 +527,8 @@ impl Upstream {
         Err(last.expect("at least one secret was tried"))
     }
 
-    /// One token request, authenticated with `credential`.
+    /// One token request, authenticated with `credential`. For a client with `dpop = true`, with a DPoP
+    /// proof; when the IdP asks for a nonce (`use_dpop_nonce` with a `DPoP-Nonce` header), once more with it.
     async fn send(
         &self,
         client: &ClientConfig,
@@ -456,13 +536,46 @@ impl Upstream {
         token_url: &Url,
         credential: &Credential,
     ) -> Result<Issued, UpstreamError> {
+        let mut nonce_tried = false;
+        loop {
+            let (result, nonce) = self.send_once(client, scopes, token_url, credential).await;
+            let fresh = nonce.is_some();
+            if let Some(nonce) = nonce {
+                self.remember_nonce(&client.name, nonce);
+            }
+            match result {
+                Err(UpstreamError::Rejected { code: Some(c), .. })
+                    if client.dpop && c == "use_dpop_nonce" && fresh && !nonce_tried =>
+                {
+                    nonce_tried = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// [`Self::send`]'s one request: its outcome, and the `DPoP-Nonce` the answer carried.
+    async fn send_once(
+        &self,
+        client: &ClientConfig,
+        scopes: &ScopeSet,
+        token_url: &Url,
+        credential: &Credential,
+    ) -> (Result<Issued, UpstreamError>, Option<String>) {
         let token_url = token_url.clone();
         // Everything secret this request carries, in every form a server might echo: scrubbed from its
         // error text before any of it is logged.
         let mut sensitive: Vec<Zeroizing<String>> = Vec::new();
-        let body = form_body(client, scopes, &token_url, credential, &mut sensitive)?;
-        let mut request = self
-            .http_for(client)?
+        let body = match form_body(client, scopes, &token_url, credential, &mut sensitive) {
+            Ok(body) => body,
+            Err(e) => return (Err(e), None),
+        };
+        let http = match self.http_for(client) {
+            Ok(http) => http,
+            Err(e) => return (Err(e), None),
+        };
+        let htu = crate::policy::target::htu(&token_url);
+        let mut request = http
             .post(token_url)
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(ACCEPT, "application/json")
@@ -474,12 +587,27 @@ impl Upstream {
             sensitive.push(encoded);
             request = request.header(AUTHORIZATION, header);
         }
+        if client.dpop {
+            let Some(key) = self.dpop_key(&client.name) else {
+                return (
+                    Err(UpstreamError::Assertion(
+                        "no DPoP key for this client".to_owned(),
+                    )),
+                    None,
+                );
+            };
+            let nonce = self.dpop_nonce(&client.name);
+            match key.proof("POST", &htu, None, nonce.as_deref(), SystemTime::now()) {
+                Ok(proof) => request = request.header("DPoP", proof),
+                Err(e) => return (Err(UpstreamError::Assertion(e.to_string())), None),
+            }
+        }
         let request = request.body(body.as_bytes().to_vec());
 
-        let response = request
-            .send()
-            .await
-            .map_err(|e| transport_error(&e, client.timeout))?;
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => return (Err(transport_error(&e, client.timeout)), None),
+        };
         let received_at = Instant::now();
         let status = response.status().as_u16();
         let header = |name| {
@@ -490,24 +618,32 @@ impl Upstream {
                 .map(str::to_owned)
         };
         let (retry_after, content_type) = (header(RETRY_AFTER), header(CONTENT_TYPE));
-        let body = read_capped(response, client.timeout).await?;
+        let nonce = header(reqwest::header::HeaderName::from_static("dpop-nonce"))
+            .filter(|n| crate::tokens::dpop::valid_nonce(n));
+        let body = match read_capped(response, client.timeout).await {
+            Ok(b) => b,
+            Err(e) => return (Err(e), nonce),
+        };
         let answer = Answer {
             status,
             retry_after: retry_after.as_deref(),
             content_type: content_type.as_deref().unwrap_or(""),
             body: &body,
         };
-        let mut issued =
-            answer.interpret(client, scopes, received_at, SystemTime::now(), &sensitive)?;
-        issued.credential = Some(
-            match credential {
-                Credential::Secret(s) => s.source().to_string(),
-                Credential::Key(k, _) => k.source().to_string(),
-                Credential::Assertion(a) => a.source().to_string(),
-            }
-            .into(),
-        );
-        Ok(issued)
+        let result = answer
+            .interpret(client, scopes, received_at, SystemTime::now(), &sensitive)
+            .map(|mut issued| {
+                issued.credential = Some(
+                    match credential {
+                        Credential::Secret(s) => s.source().to_string(),
+                        Credential::Key(k, _) => k.source().to_string(),
+                        Credential::Assertion(a) => a.source().to_string(),
+                    }
+                    .into(),
+                );
+                issued
+            });
+        (result, nonce)
     }
 }
 
@@ -809,6 +945,11 @@ fn parse_token(
         }
         None => return Err(UpstreamError::InvalidResponse("no token_type".to_owned())),
     };
+    if client.dpop && !token_type.eq_ignore_ascii_case("DPoP") {
+        return Err(UpstreamError::NotBound {
+            token_type: scrub(&token_type, sensitive),
+        });
+    }
     let lifetime = match raw.expires_in {
         None | Some(serde_json::Value::Null) => {
             tracing::debug!(
@@ -1053,6 +1194,7 @@ mod tests {
             default_ttl: Duration::from_secs(300),
             timeout: Duration::from_secs(10),
             tls_roots: None,
+            dpop: false,
         }
     }
 
