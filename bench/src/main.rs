@@ -171,12 +171,42 @@ impl Stats {
 fn request(scope: &str) -> pb::GetTokenRequest {
     pb::GetTokenRequest {
         scopes: vec![scope.to_owned()],
+        client: "idp".to_owned(),
         ..Default::default()
     }
 }
 
+/// A Proof for a GET to a URL within the bench policy's targets, with a token of client `bound`.
+fn proof_request() -> pb::ProofRequest {
+    pb::ProofRequest {
+        scopes: vec![HOT.to_owned()],
+        client: "bound".to_owned(),
+        method: "GET".to_owned(),
+        url: "https://api.example.com/v1/users?page=2".to_owned(),
+        ..Default::default()
+    }
+}
+
+/// What the load's callers call.
+#[derive(Clone, Copy)]
+enum Call {
+    GetToken,
+    Proof,
+}
+
 /// `callers` concurrent callers over `conns` connections, each calling GetToken in a loop for `duration`.
 async fn load(
+    socket: &Path,
+    callers: usize,
+    conns: usize,
+    duration: Duration,
+) -> anyhow::Result<Stats> {
+    load_of(Call::GetToken, socket, callers, conns, duration).await
+}
+
+/// As [`load`], calling `call`.
+async fn load_of(
+    call: Call,
     socket: &Path,
     callers: usize,
     conns: usize,
@@ -196,11 +226,14 @@ async fn load(
             let mut errors = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                match client.get_token(request(HOT)).await {
-                    Ok(_) => {
-                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX))
-                    }
-                    Err(_) => errors += 1,
+                let ok = match call {
+                    Call::GetToken => client.get_token(request(HOT)).await.is_ok(),
+                    Call::Proof => client.proof(proof_request()).await.is_ok(),
+                };
+                if ok {
+                    latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                } else {
+                    errors += 1;
                 }
             }
             (latencies, errors)
@@ -214,7 +247,7 @@ async fn load(
 async fn http_load(socket: &Path, callers: usize, duration: Duration) -> anyhow::Result<Stats> {
     use http_body_util::{BodyExt, Empty};
     let request = || {
-        http::Request::get(format!("/v1/token?scope={HOT}"))
+        http::Request::get(format!("/v1/token?scope={HOT}&client=idp"))
             .header("host", "localhost")
             .header("credbroker-request", "true")
             .body(Empty::<bytes::Bytes>::new())
@@ -375,6 +408,21 @@ match = {{ uid = 0 }}
 client = "idp"
 scopes = ["bench:*"]
 
+# DPoP: tokens bound to a key the daemon holds, proofs for one API.
+[clients.bound]
+token_url = "{url}"
+client_id = "broker"
+allow_http = true
+client_secret = {{ file = "{dir}/idp.secret" }}
+dpop = true
+
+[[policy]]
+name = "bench-bound"
+match = {{ uid = 0 }}
+client = "bound"
+scopes = ["bench:*"]
+dpop_targets = ["https://api.example.com/v1/"]
+
 # The exec race: scopes for uid 65534 only while it runs /usr/bin/sleep.
 [[policy]]
 name = "race"
@@ -519,6 +567,42 @@ scopes = ["other:read"]
         "0",
         Some(errors == 0),
     ));
+    // A cached Proof (a signature on top of a cached token) beside a cached GetToken, interleaved.
+    load_of(
+        Call::Proof,
+        &broker_socket,
+        1,
+        1,
+        Duration::from_millis(300),
+    )
+    .await?;
+    let mut proofs = Vec::new();
+    for _ in 0..rounds {
+        let g = load(&broker_socket, 1, 1, phase).await?;
+        let p = load_of(Call::Proof, &broker_socket, 1, 1, phase).await?;
+        proofs.push((g, p));
+    }
+    let p50 = |pick: fn(&(Stats, Stats)) -> &Stats| {
+        Duration::from_secs_f64(median(
+            proofs
+                .iter()
+                .map(|r| pick(r).percentile(0.5).as_secs_f64())
+                .collect(),
+        ))
+    };
+    let (gp, pp) = (p50(|r| &r.0), p50(|r| &r.1));
+    let ratio = pp.as_secs_f64() / gp.as_secs_f64();
+    let errors: u64 = proofs.iter().map(|r| r.1.errors).sum();
+    rows.push(row(
+        "DPoP Proof (cached token), 1 caller: p50",
+        format!(
+            "{} (GetToken {}) = {ratio:.2}x, {errors} errors",
+            ms(pp),
+            ms(gp)
+        ),
+        "<= 1.5x GetToken",
+        Some(ratio <= 1.5 && errors == 0),
+    ));
     rows.push(row(
         "daemon idle RSS",
         format!("{:.1} MB", idle_rss as f64 / 1024.0),
@@ -596,6 +680,7 @@ scopes = ["other:read"]
     for i in 0..LARGEST {
         c.get_token(pb::GetTokenRequest {
             scopes: largest_scope_set(i),
+            client: "idp".to_owned(),
             ..Default::default()
         })
         .await?;
@@ -634,7 +719,7 @@ scopes = ["other:read"]
         let out = tokio::process::Command::new(&cli)
             .arg("--socket")
             .arg(&broker_socket)
-            .args(["token", HOT])
+            .args(["token", "-c", "idp", HOT])
             .stdout(Stdio::null())
             .status()
             .await?;
@@ -653,6 +738,29 @@ scopes = ["other:read"]
         ),
         "median < 15 ms",
         Some(cli_median < Duration::from_millis(15)),
+    ));
+
+    // The CLI's `proof`, whole process, for a cached token.
+    let mut walls = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let out = tokio::process::Command::new(&cli)
+            .arg("--socket")
+            .arg(&broker_socket)
+            .args(["proof", "-c", "bound", "--method", "GET", "--url"])
+            .arg("https://api.example.com/v1/users")
+            .arg(HOT)
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(out.success(), "credbroker proof failed");
+        walls.push(t.elapsed().as_secs_f64());
+    }
+    rows.push(row(
+        "CLI `credbroker proof` (cached token), wall",
+        format!("median {}", ms(Duration::from_secs_f64(median(walls)))),
+        "",
+        None,
     ));
 
     // IdP requests per hour for a steady workload of 5-minute tokens (the daemon's cache on a paused clock).
