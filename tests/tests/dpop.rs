@@ -14,6 +14,12 @@ use credbroker_tests::oidc::OidcProvider;
 use credbroker_tests::{Daemon, check_config, run_cli, stderr, stdout};
 use tokio::process::Command;
 
+/// A reqwest client (the workspace builds reqwest with rustls and no default crypto provider: install ring's).
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// The JSON of part `i` of a JWT.
 fn jwt_part(jwt: &str, i: usize) -> serde_json::Value {
     let part = jwt.split('.').nth(i).unwrap();
@@ -242,7 +248,7 @@ async fn bound_tokens_and_proofs_that_an_api_accepts_only_for_the_policys_target
     // The client library: a reqwest sender answers the API's nonce challenge by itself.
     let sender = DpopSender::new(
         d.client().await,
-        reqwest::Client::new(),
+        http(),
         TokenRequest::new(["scim:read"]).client("idp"),
     );
     let response = sender
@@ -415,11 +421,7 @@ async fn oidc_provider_binds_its_jwt_access_tokens_to_the_daemons_key() {
     let jwk = &jwt_part(proof_jwt, 0)["jwk"];
     assert_eq!(claims["cnf"]["jkt"], thumbprint(jwk).unwrap().as_str());
     // And the API takes it, after its own nonce challenge, from the library's sender.
-    let sender = DpopSender::new(
-        d.client().await,
-        reqwest::Client::new(),
-        TokenRequest::new(["scim:read"]),
-    );
+    let sender = DpopSender::new(d.client().await, http(), TokenRequest::new(["scim:read"]));
     let response = sender.send(reqwest::Method::GET, &url, None).await.unwrap();
     assert_eq!(response.status(), 200, "{:?}", api.outcomes());
 }
