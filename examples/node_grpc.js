@@ -1,12 +1,17 @@
 #!/usr/bin/env node
 // Get a token from credbroker with Node's @grpc/grpc-js: a plain unix:// channel, the service loaded from
-// broker.proto (npm install @grpc/grpc-js @grpc/proto-loader). Prints the access token.
+// broker.proto (npm ci --prefix examples: @grpc/grpc-js, @grpc/proto-loader). Prints the access token.
 //
-// usage: node_grpc.js SCOPE...   (CREDBROKER_SOCKET, CREDBROKER_PROTO: where credbroker/v1/broker.proto is)
+// usage: node_grpc.js SCOPE...   (CREDBROKER_SOCKET; CREDBROKER_PROTO: where credbroker/v1/broker.proto is,
+//                                 by default the checkout's proto/ when run from one, else the package's)
+const fs = require('node:fs');
+const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const protoRoot = process.env.CREDBROKER_PROTO || '/usr/share/credbroker/proto';
+const checkout = path.join(__dirname, '..', 'proto');
+const protoRoot = process.env.CREDBROKER_PROTO
+  || (fs.existsSync(path.join(checkout, 'credbroker/v1/broker.proto')) ? checkout : '/usr/share/credbroker/proto');
 const socket = process.env.CREDBROKER_SOCKET || '/run/credbroker/credbroker.sock';
 const definition = protoLoader.loadSync('credbroker/v1/broker.proto', { includeDirs: [protoRoot], keepCase: true });
 const { TokenBroker } = grpc.loadPackageDefinition(definition).credbroker.v1;

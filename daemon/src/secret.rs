@@ -160,7 +160,9 @@ pub enum SecretError {
     NotUtf8(SecretSource),
     /// `{ credential = … }` without `$CREDENTIALS_DIRECTORY`.
     #[error(
-        "systemd credential {0:?} needs $CREDENTIALS_DIRECTORY: run under systemd with LoadCredential={0}:/path"
+        "systemd credential {0:?} needs $CREDENTIALS_DIRECTORY, which systemd sets: put the secret in \
+         /etc/credbroker/credentials/{0} (root only, 0600) and run the shipped credbroker.service, which loads \
+         that directory; outside systemd, use {{ file = \"/path\" }} or {{ env = \"VAR\" }}"
     )]
     NoCredentialsDirectory(String),
     /// The environment variable is not set (or not UTF-8).

@@ -129,8 +129,8 @@ async fn a_thousand_calls_on_one_connection_with_indexed_headers_and_continuatio
     assert_eq!(r["results"], serde_json::json!({ "granted": 1000 }), "{r}");
 }
 
-/// Runs an example from `examples/` against the daemon as a new user would, with `CREDBROKER_SOCKET` (and
-/// `CREDBROKER_PROTO`, `NODE_PATH` for the gRPC ones).
+/// Runs an example from `examples/` against the daemon as a new user would: from the checkout, with
+/// `CREDBROKER_SOCKET` only (the proto is found in the checkout, Node's packages in `examples/node_modules`).
 async fn run_example(program: &Path, args: &[&str], socket: &Path) -> std::process::Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     tokio::time::timeout(
@@ -138,8 +138,8 @@ async fn run_example(program: &Path, args: &[&str], socket: &Path) -> std::proce
         tokio::process::Command::new(program)
             .args(args)
             .env("CREDBROKER_SOCKET", socket)
-            .env("CREDBROKER_PROTO", root.join("proto"))
-            .env("NODE_PATH", root.join("tests/node/node_modules"))
+            .env_remove("CREDBROKER_PROTO")
+            .env_remove("NODE_PATH")
             .current_dir(&root)
             .kill_on_drop(true)
             .output(),

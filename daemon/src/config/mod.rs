@@ -1483,19 +1483,22 @@ client_assertion = { env = "ASSERTION" }
     }
 
     #[test]
-    fn the_readme_reference_is_generated_from_the_key_table() {
-        let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    fn the_documented_reference_is_generated_from_the_key_table() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/configuration.md"
+        ))
+        .unwrap();
         let (begin, end) = ("<!-- config-keys:begin -->\n", "<!-- config-keys:end -->");
-        let start = readme
+        let start = doc
             .find(begin)
-            .expect("README has the config-keys block")
+            .expect("docs/configuration.md has the config-keys block")
             + begin.len();
-        let stop = readme[start..].find(end).unwrap() + start;
+        let stop = doc[start..].find(end).unwrap() + start;
         assert_eq!(
-            &readme[start..stop],
+            &doc[start..stop],
             keys::markdown(),
-            "README's configuration table is stale: replace it with `credbrokerd reference markdown`"
+            "docs/configuration.md's table is stale: replace it with `credbrokerd config-reference`"
         );
     }
 
