@@ -110,8 +110,11 @@ pub(crate) fn status_text(s: &admin::StatusResponse) -> String {
     }
     let _ = writeln!(
         out,
-        "         {} clients, {} policies",
-        d.clients, d.policies
+        "         {} client{}, {} polic{}",
+        d.clients,
+        if d.clients == 1 { "" } else { "s" },
+        d.policies,
+        if d.policies == 1 { "y" } else { "ies" }
     );
     let c = s.connections.unwrap_or_default();
     let _ = writeln!(

@@ -39,8 +39,26 @@ Exit codes:
   75  retryable: daemon unreachable, IdP unavailable, rate limited
   77  denied: no policy allows this process the requested client or scope, or the socket's
       permissions keep this user out
-  78  operator action needed: the IdP rejected the broker's credentials or the scope
-exec: once CMD runs, the exit status is CMD's own; 126 or 127 if it cannot be run";
+  78  operator action needed: the IdP rejected the broker's credentials or the scope";
+
+const EXEC_EXIT_CODES: &str = "\
+Exit codes, until CMD runs: as `credbroker token` (64 usage, 75 retryable, 77 denied, 78 operator action
+needed, 1 other); once it runs, the exit status is CMD's own; 126 or 127 if it cannot be run";
+
+const WHOAMI_EXIT_CODES: &str = "\
+Exit codes:
+  0   success
+  74  the output could not be written
+  75  the daemon is unreachable
+  77  the daemon could not identify this process, or the socket's permissions keep this user out";
+
+const ADMIN_EXIT_CODES: &str = "\
+Exit codes:
+  0   success
+  64  (reload) the config has errors: each is printed, and the running config keeps serving
+  74  the output could not be written
+  75  the daemon is unreachable
+  77  this user is not one of the daemon's admins (daemon.admins)";
 
 const EXPLAIN_EXIT_CODES: &str = "\
 Exit codes:
@@ -168,8 +186,8 @@ enum Command {
         operation: GitOperation,
     },
     /// Run CMD with a token in its environment (never on a command line). credbroker replaces itself with
-    /// CMD, so CMD's exit status and the signals sent to it are its own.
-    #[command(after_help = EXIT_CODES)]
+    /// CMD, so CMD's exit status and the signals sent to it are its own. CMD goes after `--`.
+    #[command(after_help = EXEC_EXIT_CODES)]
     Exec {
         /// The client (IdP registration) to use; needed when your policies name several.
         #[arg(short, long)]
@@ -188,7 +206,7 @@ enum Command {
         command: Vec<String>,
     },
     /// Show how the daemon sees this process, and what it may request.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = WHOAMI_EXIT_CODES)]
     Whoami {
         /// Output format.
         #[arg(long, value_enum, default_value_t = WhoamiFormat::Text)]
@@ -196,11 +214,11 @@ enum Command {
     },
     /// Reload the daemon's config, as SIGHUP does, and print what changed (admins only). On a broken config,
     /// print every error and exit 64; the running config keeps serving.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADMIN_EXIT_CODES)]
     Reload,
     /// Drop the daemon's cached tokens of CLIENT (all clients if none) whose scope set holds every SCOPE
     /// given (admins only), e.g. after a revocation at the IdP; print how many went.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADMIN_EXIT_CODES)]
     Flush {
         /// The client whose entries to drop; every client if not given.
         #[arg(short, long)]
@@ -212,7 +230,7 @@ enum Command {
     /// Show what the daemon is doing (admins only): its version, uptime and config; each client's endpoint
     /// and IdP health; the cached tokens (fingerprints, expiry, next renewal, hits; never a token); each caller
     /// uid's connections and rate limit.
-    #[command(after_help = EXIT_CODES)]
+    #[command(after_help = ADMIN_EXIT_CODES)]
     Status {
         /// Output format.
         #[arg(long, value_enum, default_value_t = WhoamiFormat::Text)]
@@ -394,6 +412,15 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            let exec = args.iter().any(|a| a == "exec") && !args.iter().any(|a| a == "--");
+            if exec && e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                eprintln!(
+                    "credbroker exec: the command goes after `--` (without it, every word after -s is a \
+                     scope): credbroker exec -s SCOPE... -- CMD [ARGS...]"
+                );
+                return ExitCode::from(exit::USAGE);
+            }
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() {
                 exit::USAGE
@@ -487,6 +514,13 @@ fn exit_code(e: &Error) -> u8 {
 }
 
 async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
+    if matches!(cli.command, Command::Completions { .. } | Command::Manpage) && cli.socket.is_some()
+    {
+        return Err(CliError::Usage(
+            "--socket does not apply here: completions and the man page are printed without the daemon"
+                .to_owned(),
+        ));
+    }
     match &cli.command {
         Command::Completions { shell } => {
             out.raw(&completions(*shell))?;
@@ -621,7 +655,11 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
         }
         Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
         Command::Reload => {
-            let r = client.reload().await?;
+            let r = client.reload().await.map_err(|e| match e {
+                // The daemon's message says what happened and lists every error.
+                Error::InvalidArgument(m) => CliError::Usage(m),
+                other => CliError::Daemon(other),
+            })?;
             let mut text = format!("reloaded: {}", r.summary);
             if !r.clients_changed.is_empty() {
                 text.push_str(&format!(
@@ -780,7 +818,8 @@ fn man_page() -> std::io::Result<Vec<u8>> {
         page.extend_from_slice(part.as_bytes());
     }
     page.extend_from_slice(b".SH \"EXIT STATUS\"\n.nf\n");
-    for line in EXIT_CODES.lines().skip(1) {
+    let exec_line = "exec: once CMD runs, its own exit status; 126 or 127 if it cannot be run";
+    for line in EXIT_CODES.lines().skip(1).chain([exec_line]) {
         page.extend_from_slice(line.trim_start().replace('-', "\\-").as_bytes());
         page.push(b'\n');
     }

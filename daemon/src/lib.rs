@@ -227,10 +227,11 @@ fn warn_unseen_exes(config: &Config) {
 
 /// The `STATUS=` line for a config.
 fn summary(config: &Config) -> String {
+    let (clients, policies) = (config.clients.len(), config.policies.policies().len());
     format!(
-        "serving {} clients, {} policies",
-        config.clients.len(),
-        config.policies.policies().len()
+        "serving {clients} client{}, {policies} polic{}",
+        if clients == 1 { "" } else { "s" },
+        if policies == 1 { "y" } else { "ies" }
     )
 }
 

@@ -38,10 +38,12 @@ struct Cli {
 enum Command {
     /// Validate the config (secrets included) and print a summary without secrets; exit 0 or 64.
     CheckConfig,
-    /// Print a man page (roff): credbrokerd(8), or credbroker.toml(5), the configuration reference.
-    Man {
+    /// Print a man page (roff): credbrokerd(8) (the default), or credbroker.toml(5), the configuration
+    /// reference; as `credbroker manpage` prints credbroker(1).
+    #[command(alias = "man")]
+    Manpage {
         /// Which page.
-        #[arg(value_enum)]
+        #[arg(value_enum, default_value_t = Page::Credbrokerd)]
         page: Page,
     },
     /// Print the configuration reference as a Markdown table (the README's).
@@ -92,7 +94,7 @@ TOML, every key with the value in use (defaults included) and each secret shown 
 config. Warn about policies that name users or groups that do not exist. Exit 0, or 64 with every problem
 listed by key path.
 .TP
-.B credbrokerd man \fIcredbrokerd\fR|\fIcredbroker.toml\fR
+.B credbrokerd manpage \fR[\fIcredbrokerd\fR|\fIcredbroker.toml\fR]
 Print this page, or credbroker.toml(5), in roff.
 .TP
 .B credbrokerd config\-reference
@@ -194,7 +196,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::Man { page }) => {
+        Some(Command::Manpage { page }) => {
             let page = match page {
                 Page::Credbrokerd => daemon_man_page(),
                 Page::CredbrokerToml => {

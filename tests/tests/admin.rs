@@ -12,7 +12,7 @@ async fn reload_returns_its_outcome_to_an_admin_and_refuses_others() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(
         stdout(&out).trim(),
-        "reloaded: serving 1 clients, 2 policies"
+        "reloaded: serving 1 client, 2 policies"
     );
 
     // A broken config: every error comes back (exit 64), and the running config keeps serving.
@@ -24,6 +24,12 @@ async fn reload_returns_its_outcome_to_an_admin_and_refuses_others() {
     );
     let out = d.cli(None, &["reload"]).await;
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("credbroker: reload refused, the running config keeps serving; ")
+            && stderr(&out).contains("2 errors"),
+        "{}",
+        stderr(&out)
+    );
     for key in ["daemon.bogus", "daemon.colour"] {
         assert!(
             stderr(&out).contains(key),
@@ -221,7 +227,7 @@ scopes = ["scim:write"]
     for want in [
         "matching policies:\n  nobody-read: idp [scim:read]",
         "first refused scope: scim:write",
-        "nobody-read: scopes does not allow \"scim:write\"",
+        "nobody-read: scopes do not allow \"scim:write\"",
         "root-all: match.uid wants 0; the caller has 65534",
         "sh-write: match.exe wants \"/bin/sh\"",
     ] {

@@ -203,7 +203,7 @@ async fn completions_and_man_pages_are_complete_and_lint_clean() {
         "refers to a page that does not exist"
     );
     // credbrokerd(8) and credbroker.toml(5).
-    let daemon = stdout(&run_cli(page("credbrokerd", &["man", "credbrokerd"]), None).await);
+    let daemon = stdout(&run_cli(page("credbrokerd", &["manpage", "credbrokerd"]), None).await);
     for part in [
         ".TH credbrokerd 8",
         ".SH SIGNALS",
@@ -214,7 +214,7 @@ async fn completions_and_man_pages_are_complete_and_lint_clean() {
     ] {
         assert!(daemon.contains(part), "{part} missing in credbrokerd(8)");
     }
-    let toml = stdout(&run_cli(page("credbrokerd", &["man", "credbroker.toml"]), None).await);
+    let toml = stdout(&run_cli(page("credbrokerd", &["manpage", "credbroker.toml"]), None).await);
     for key in [
         "daemon.max_connections_per_uid",
         "clients.NAME.allow_http",
@@ -500,4 +500,84 @@ scopes = ["scim:read"]
         err.contains("warning: policy[3].match.group: no group named \"no-such-group-here\""),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn rough_edges_a_newcomer_met_are_gone() {
+    let s = Setup::new().await;
+    let d = s.daemon().await;
+    // exec without `--`: the command was read as a scope; now the error says so.
+    let out = d.cli(None, &["exec", "-s", "scim:read", "env"]).await;
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("goes after `--`"), "{}", stderr(&out));
+    // Printing completions or the man page asks no daemon: --socket is a mistake there.
+    for args in [&["completions", "bash"][..], &["manpage"]] {
+        let out = d.cli(None, args).await;
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--socket does not apply"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Each command's help lists its own exit codes.
+    let help = |args: &'static [&'static str]| async move {
+        let mut cmd = tokio::process::Command::new(bin("credbroker"));
+        cmd.args(args);
+        stdout(&run_cli(cmd, None).await)
+    };
+    let token = help(&["token", "--help"]).await;
+    assert!(token.contains("78  operator action needed"), "{token}");
+    for admin in [
+        &["status", "--help"][..],
+        &["reload", "--help"],
+        &["flush", "--help"],
+    ] {
+        let text = help(admin).await;
+        assert!(
+            text.contains("77  this user is not one of the daemon's admins"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("78  operator"),
+            "{admin:?} repeats token's codes: {text}"
+        );
+    }
+    let whoami = help(&["whoami", "--help"]).await;
+    assert!(
+        !whoami.contains("78  operator") && whoami.contains("75  the daemon is unreachable"),
+        "{whoami}"
+    );
+    // One convention for man pages: `manpage`, for both programs (credbrokerd's old `man` still works).
+    for args in [
+        &["manpage"][..],
+        &["manpage", "credbroker.toml"],
+        &["man", "credbrokerd"],
+    ] {
+        let mut cmd = tokio::process::Command::new(bin("credbrokerd"));
+        cmd.args(args);
+        let out = run_cli(cmd, None).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(
+            stdout(&out).starts_with(".ie") || stdout(&out).contains(".TH"),
+            "{args:?}"
+        );
+    }
+    // The stand-in's --help is help, not an error with a backtrace.
+    let mut cmd = tokio::process::Command::new(bin("credbroker-stand-in-idp"));
+    cmd.arg("--help").env("RUST_BACKTRACE", "1");
+    let out = run_cli(cmd, None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("usage:") && !stderr(&out).contains("backtrace"));
+    // A denial's audit line names the client its message names, though the request named none.
+    let out = d.cli(Some(NOBODY), &["token", "scim:write"]).await;
+    assert_eq!(out.status.code(), Some(77));
+    assert!(
+        stderr(&out).contains("of client \"idp\""),
+        "{}",
+        stderr(&out)
+    );
+    let log = d.log();
+    let line = log.lines().find(|l| l.contains("event=\"deny\"")).unwrap();
+    assert!(line.contains("client=\"idp\""), "{line}");
 }

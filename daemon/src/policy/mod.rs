@@ -464,13 +464,13 @@ impl PolicySet {
                     near_misses.push(NearMiss {
                         policy: p.name.clone(),
                         key: "clients".to_owned(),
-                        detail: format!("names {:?}, not {c:?}", p.clients),
+                        detail: format!("name {:?}, not {c:?}", p.clients),
                     });
                 } else if let Some(scope) = scopes.iter().find(|s| !p.allows(s)) {
                     near_misses.push(NearMiss {
                         policy: p.name.clone(),
                         key: "scopes".to_owned(),
-                        detail: format!("does not allow {scope:?}"),
+                        detail: format!("do not allow {scope:?}"),
                     });
                 }
             }

@@ -144,7 +144,7 @@ impl AdminService {
                     .collect(),
             })),
             Err(errors) => Err(Status::invalid_argument(format!(
-                "config refused; still serving the previous one: {errors}"
+                "reload refused, the running config keeps serving; {errors}"
             ))),
         }
     }

@@ -481,9 +481,17 @@ impl Broker {
         proof_for: Option<&url::Url>,
     ) -> Result<Served, Error> {
         let state = self.state();
+        // The audit line names the client the request resolved to, as the error does, when it did.
         let deny = |e: Error| {
-            self.audit
-                .denied(log, Some(caller), ask.client, ask.scopes, &e);
+            let client = match &e {
+                Error::Refused(
+                    crate::policy::Refusal::ClientNotAllowed { client, .. }
+                    | crate::policy::Refusal::ScopeNotAllowed { client, .. },
+                )
+                | Error::LifetimeTooShort { client, .. } => client.as_str(),
+                _ => ask.client,
+            };
+            self.audit.denied(log, Some(caller), client, ask.scopes, &e);
             e
         };
         if ask.client.len() > MAX_CLIENT_NAME {

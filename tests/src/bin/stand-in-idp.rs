@@ -8,7 +8,24 @@ use credbroker_tests::idp::{Registration, StandInIdp};
 const USAGE: &str = "usage: credbroker-stand-in-idp [--port N] --client-id ID --client-secret-file PATH --scopes 'A B C'";
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!(
+            "credbroker-stand-in-idp: a stand-in OAuth 2.0 token endpoint for the quick start and the tests \
+             (NOT an identity provider)\n{USAGE}"
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    match serve().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("credbroker-stand-in-idp: {e}");
+            std::process::ExitCode::from(64)
+        }
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut port, mut id, mut secret_file, mut scopes) = (0u16, None, None, None);
     while let Some(flag) = args.next() {
