@@ -311,3 +311,98 @@ async fn the_sink_template_keeps_a_consumers_token_file_and_output_to_null_is_fi
         credbroker_tests::stderr(&denied)
     );
 }
+
+/// Every file under `dir`, as absolute paths below it, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, base: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, base, out);
+            } else {
+                out.push(format!("/{}", p.strip_prefix(base).unwrap().display()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn the_source_install_puts_in_place_what_the_package_does_stripped() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stage = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(root.join("scripts/install"));
+    cmd.args(["--no-build", "--prefix", "/usr", "--destdir"])
+        .arg(stage.path())
+        .current_dir(&root);
+    let out = credbroker_tests::run_cli(cmd, None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        credbroker_tests::stderr(&out)
+    );
+    // The same files as the .deb, but the Debian-specific copyright and changelog.
+    let staged = files_under(stage.path());
+    let listing = std::process::Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(deb(1))
+        .output()
+        .unwrap();
+    let mut packaged: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('d'))
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|p| p.trim_start_matches('.').to_owned())
+        .filter(|p| !p.ends_with("/copyright") && !p.ends_with("/changelog.Debian.gz"))
+        .collect();
+    packaged.sort();
+    assert_eq!(staged, packaged);
+    // The binaries are stripped, as the package's are.
+    for b in ["credbrokerd", "credbroker"] {
+        let sections = std::process::Command::new("readelf")
+            .args(["-S", "--wide"])
+            .arg(stage.path().join("usr/bin").join(b))
+            .output()
+            .unwrap();
+        let sections = String::from_utf8_lossy(&sections.stdout);
+        assert!(
+            !sections.contains(".symtab") && !sections.contains(".debug_"),
+            "{b} is not stripped"
+        );
+    }
+    // The units run the installed binaries.
+    let unit = std::fs::read_to_string(
+        stage
+            .path()
+            .join("usr/lib/systemd/system/credbroker.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/credbrokerd"), "{unit}");
+    // Under /usr/local, they point there.
+    let local = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(root.join("scripts/install"));
+    cmd.args(["--no-build", "--destdir"])
+        .arg(local.path())
+        .current_dir(&root);
+    let out = credbroker_tests::run_cli(cmd, None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        credbroker_tests::stderr(&out)
+    );
+    let unit = std::fs::read_to_string(
+        local
+            .path()
+            .join("usr/local/lib/systemd/system/credbroker-sink@.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/credbroker sink"),
+        "{unit}"
+    );
+}
