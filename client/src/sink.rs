@@ -8,7 +8,7 @@
 //! jittered point between 65% and 75% of the time it had left when it came (the daemon renews at the same
 //! fractions of its lifetime, so the next ask usually finds a new token cached). While the daemon or the IdP
 //! is down, the file keeps its token while it is valid and the sink tries again after a full-jitter backoff
-//! that shrinks with the time left; a token that expires with no successor is removed, never left in place
+//! that grows with the outage and shrinks with the time left; a token that expires with no successor is removed, never left in place
 //! expired.
 
 use std::collections::hash_map::RandomState;
@@ -186,7 +186,8 @@ pub(crate) async fn run(socket: PathBuf, sink: Sink, once: bool) -> Result<(), S
     };
     // The token in the file, and when it expires.
     let mut current: Option<(String, SystemTime)> = None;
-    let mut failures = 0u32;
+    // Since when the daemon (or the IdP behind it) has failed the sink, without a success since.
+    let mut down_since: Option<std::time::Instant> = None;
     loop {
         let result = async {
             let mut client = Client::connect(&socket).await?;
@@ -196,7 +197,7 @@ pub(crate) async fn run(socket: PathBuf, sink: Sink, once: bool) -> Result<(), S
         let now = SystemTime::now();
         let pause = match result {
             Ok(token) if token.expires_at() > now => {
-                failures = 0;
+                down_since = None;
                 let secret = token.access_token().expose_secret().to_owned();
                 if current.as_ref().is_none_or(|(t, _)| *t != secret) {
                     replace(&sink.path, &content(&token, sink.format), sink.mode).map_err(|e| {
@@ -226,15 +227,21 @@ pub(crate) async fn run(socket: PathBuf, sink: Sink, once: bool) -> Result<(), S
                         Error::Unavailable("the daemon handed out an expired token".to_owned())
                     }
                 };
-                if once || (current.is_none() && failures == 0 && !e.is_retryable()) {
+                if once || (current.is_none() && down_since.is_none() && !e.is_retryable()) {
                     return Err(daemon_err(e));
                 }
-                failures += 1;
+                // The pause grows with the outage, not with the number of tries: at most as long as the
+                // failures have lasted (at least BASE), a quarter of the file's token's time left, and CAP.
+                // (Counting tries would let the short pauses of a token about to expire add up to minutes
+                // of waiting once it has.)
+                let down = down_since
+                    .get_or_insert_with(std::time::Instant::now)
+                    .elapsed();
                 let left = current
                     .as_ref()
                     .map_or(CAP, |(_, exp)| exp.duration_since(now).unwrap_or_default());
                 let pause = BASE
-                    .saturating_mul(1 << (failures - 1).min(16))
+                    .max(down)
                     .min(left / 4)
                     .min(CAP)
                     .mul_f64(random())

@@ -259,6 +259,7 @@ async fn while_the_daemon_is_down_the_file_keeps_its_valid_token_then_loses_it_a
         &log,
     );
     until("the first token file", || file.exists()).await;
+    let down = Instant::now();
     d.stop().await;
     // The token in place when the daemon went stays, untouched, while it is valid; once it has expired with
     // no successor, the file goes.
@@ -283,9 +284,16 @@ async fn while_the_daemon_is_down_the_file_keeps_its_valid_token_then_loses_it_a
         said.contains("trying again in") && said.contains("removed"),
         "{said}"
     );
-    // The daemon is back: a new token in the file, after the sink's backoff.
+    // The daemon is back: a new token in the file, after the sink's backoff, which grows with the outage
+    // (not with the number of tries, which the short pauses before the expiry made many).
     let d = s.daemon().await;
+    let outage = down.elapsed();
     until("a new token after the outage", || file.exists()).await;
+    let waited = down.elapsed() - outage;
+    assert!(
+        waited <= outage + Duration::from_secs(5),
+        "the sink waited {waited:?} after an outage of {outage:?}"
+    );
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(s.idp.is_valid(text.trim_end()));
     drop(d);
