@@ -30,6 +30,9 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
+#[cfg(feature = "oneshot")]
+pub mod oneshot;
+
 pub use secrecy;
 
 /// The admin API's messages (`credbroker.admin.v1`), as [`Client::status`] and [`Client::explain`] return them.

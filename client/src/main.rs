@@ -408,11 +408,146 @@ impl From<Error> for CliError {
     }
 }
 
+/// `credbroker [--socket PATH] token [-c CLIENT] [--min-ttl DUR] [--format F] SCOPE...` in its plain forms,
+/// parsed without building the whole command line interface: kubectl and scripts run it once per command, and
+/// a process's start is most of its cost. Anything else (help, an unknown or repeated flag, a bad value) is
+/// left to the full parser, which says what is wrong.
+struct FastToken {
+    socket: Option<PathBuf>,
+    client: Option<String>,
+    min_ttl: Option<Duration>,
+    format: TokenFormat,
+    scopes: Vec<String>,
+}
+
+fn fast_token(args: &[String]) -> Option<FastToken> {
+    let mut fast = FastToken {
+        socket: None,
+        client: None,
+        min_ttl: None,
+        format: TokenFormat::Raw,
+        scopes: Vec::new(),
+    };
+    let (mut seen_token, mut seen) = (false, Vec::new());
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        if !flag.starts_with('-') {
+            if seen_token {
+                fast.scopes.push(arg.clone());
+            } else if arg == "token" {
+                seen_token = true;
+            } else {
+                return None;
+            }
+            continue;
+        }
+        let name = match flag {
+            "--socket" => "socket",
+            "-c" | "--client" if seen_token => "client",
+            "--min-ttl" if seen_token => "min-ttl",
+            "--format" if seen_token => "format",
+            _ => return None,
+        };
+        if seen.contains(&name) {
+            return None;
+        }
+        seen.push(name);
+        let value = match inline {
+            Some(v) => v,
+            None => args.next().filter(|v| !v.starts_with('-'))?.clone(),
+        };
+        match name {
+            "socket" => fast.socket = Some(PathBuf::from(value)),
+            "client" => fast.client = Some(value),
+            "min-ttl" => fast.min_ttl = Some(parse_duration(&value).ok()?),
+            _ => fast.format = TokenFormat::from_str(&value, false).ok()?,
+        }
+    }
+    (seen_token && !fast.scopes.is_empty()).then_some(fast)
+}
+
+/// Runs a [`FastToken`]: the token by one HTTP/1.1 request, printed as `credbroker token` prints it.
+fn run_fast_token(fast: FastToken) -> ExitCode {
+    let out = Output;
+    let socket = fast
+        .socket
+        .unwrap_or_else(credbroker_client::discover_socket);
+    match print_token(
+        &out,
+        &socket,
+        &request(&fast.scopes, fast.client, fast.min_ttl),
+        fast.format,
+    ) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => report(e),
+    }
+}
+
+/// `credbroker token`: asks the daemon (one HTTP/1.1 request) and prints the token as `format` says.
+fn print_token(
+    out: &Output,
+    socket: &std::path::Path,
+    request: &TokenRequest,
+    format: TokenFormat,
+) -> Result<(), CliError> {
+    // kubectl's exec plugin: the version it asks for is checked before asking the daemon.
+    let api_version = match format {
+        TokenFormat::ExecCredential => Some(
+            helpers::exec_credential_version(std::env::var("KUBERNETES_EXEC_INFO").ok().as_deref())
+                .map_err(CliError::Usage)?,
+        ),
+        _ => None,
+    };
+    let token =
+        credbroker_client::oneshot::token(socket, request, credbroker_client::DEFAULT_TIMEOUT)?;
+    let text = match (format, api_version) {
+        (TokenFormat::ExecCredential, Some(v)) => helpers::exec_credential(&token, v),
+        (TokenFormat::Json, _) => render(&token, Format::Json),
+        (TokenFormat::Header, _) => render(&token, Format::Header),
+        _ => render(&token, Format::Raw),
+    };
+    out.line(&text)
+}
+
+/// Prints why the CLI failed, and the exit code that says it.
+fn report(e: CliError) -> ExitCode {
+    match e {
+        CliError::Daemon(e) => {
+            eprintln!("credbroker: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+        CliError::Output(e) => {
+            eprintln!("credbroker: cannot write the output: {e}");
+            ExitCode::from(exit::IOERR)
+        }
+        CliError::Usage(e) => {
+            eprintln!("credbroker: {e}");
+            ExitCode::from(exit::USAGE)
+        }
+        CliError::Sink(e) => {
+            eprintln!("credbroker sink: {e}");
+            ExitCode::from(exit::IOERR)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    // (Arguments that are not UTF-8 go to the full parser, which handles them.)
+    let args: Option<Vec<String>> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string().ok())
+        .collect();
+    if let Some(fast) = args.as_deref().and_then(fast_token) {
+        return run_fast_token(fast);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let args: Vec<String> = std::env::args().skip(1).collect();
+            let args = args.unwrap_or_default();
             let exec = args.iter().any(|a| a == "exec") && !args.iter().any(|a| a == "--");
             if exec && e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
                 eprintln!(
@@ -451,22 +586,7 @@ fn main() -> ExitCode {
             drop(runtime);
             exec(&command, &env, &token)
         }
-        Err(CliError::Daemon(e)) => {
-            eprintln!("credbroker: {e}");
-            ExitCode::from(exit_code(&e))
-        }
-        Err(CliError::Output(e)) => {
-            eprintln!("credbroker: cannot write the output: {e}");
-            ExitCode::from(exit::IOERR)
-        }
-        Err(CliError::Usage(e)) => {
-            eprintln!("credbroker: {e}");
-            ExitCode::from(exit::USAGE)
-        }
-        Err(CliError::Sink(e)) => {
-            eprintln!("credbroker sink: {e}");
-            ExitCode::from(exit::IOERR)
-        }
+        Err(e) => report(e),
     }
 }
 
@@ -566,6 +686,33 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
             };
             return run_sinks(socket, sinks, once).await;
         }
+        Command::Token {
+            client: name,
+            min_ttl,
+            format,
+            scopes,
+        } => {
+            print_token(out, &socket, &request(&scopes, name, min_ttl), format)?;
+            return Ok(Next::Done);
+        }
+        Command::Exec {
+            client: name,
+            min_ttl,
+            env,
+            scopes,
+            command,
+        } => {
+            let token = credbroker_client::oneshot::token(
+                &socket,
+                &request(&scopes, name, min_ttl),
+                credbroker_client::DEFAULT_TIMEOUT,
+            )?;
+            return Ok(Next::Exec {
+                command,
+                env,
+                token,
+            });
+        }
         Command::GitCredential {
             client: name,
             scopes,
@@ -578,8 +725,11 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
             if !matches!(operation, GitOperation::Get) {
                 return Ok(Next::Done);
             }
-            let mut client = Client::connect(&socket).await?;
-            let token = client.get_token(request(&scopes, name, None)).await?;
+            let token = credbroker_client::oneshot::token(
+                &socket,
+                &request(&scopes, name, None),
+                credbroker_client::DEFAULT_TIMEOUT,
+            )?;
             out.raw(helpers::git_answer(&asked, &token, &username).as_bytes())?;
             return Ok(Next::Done);
         }
@@ -587,7 +737,10 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
     }
     let mut client = Client::connect(&socket).await?;
     match cli.command {
-        Command::Sink { .. } | Command::GitCredential { .. } => unreachable!("handled above"),
+        Command::Sink { .. }
+        | Command::GitCredential { .. }
+        | Command::Token { .. }
+        | Command::Exec { .. } => unreachable!("handled above"),
         Command::Proof {
             client: name,
             min_ttl,
@@ -613,45 +766,6 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
                     serde_json::json!({ "authorization": authorization, "dpop": dpop }).to_string()
                 }
             })?;
-        }
-        Command::Token {
-            client: name,
-            min_ttl,
-            format,
-            scopes,
-        } => {
-            // kubectl's exec plugin: the version it asks for is checked before asking the daemon.
-            let api_version = match format {
-                TokenFormat::ExecCredential => Some(
-                    helpers::exec_credential_version(
-                        std::env::var("KUBERNETES_EXEC_INFO").ok().as_deref(),
-                    )
-                    .map_err(CliError::Usage)?,
-                ),
-                _ => None,
-            };
-            let token = client.get_token(request(&scopes, name, min_ttl)).await?;
-            let text = match (format, api_version) {
-                (TokenFormat::ExecCredential, Some(v)) => helpers::exec_credential(&token, v),
-                (TokenFormat::Json, _) => render(&token, Format::Json),
-                (TokenFormat::Header, _) => render(&token, Format::Header),
-                _ => render(&token, Format::Raw),
-            };
-            out.line(&text)?;
-        }
-        Command::Exec {
-            client: name,
-            min_ttl,
-            env,
-            scopes,
-            command,
-        } => {
-            let token = client.get_token(request(&scopes, name, min_ttl)).await?;
-            return Ok(Next::Exec {
-                command,
-                env,
-                token,
-            });
         }
         Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
         Command::Reload => {
@@ -911,5 +1025,72 @@ fn render(token: &Token, format: Format) -> String {
             "client": token.client(),
         })
         .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    /// The fast path reads a command line as the full parser does, or leaves it to the full parser.
+    #[test]
+    fn the_fast_token_path_agrees_with_the_full_parser() {
+        for line in [
+            "token scim:read",
+            "token scim:read scim:write",
+            "--socket /s token a",
+            "token --socket=/s a",
+            "token -c idp --min-ttl 5m --format header a b",
+            "token --client=idp --min-ttl=90 --format=json a",
+            "token a --format exec-credential",
+        ] {
+            let fast = fast_token(&args(line)).unwrap_or_else(|| panic!("{line}: not fast"));
+            let full =
+                Cli::try_parse_from(std::iter::once("credbroker".to_owned()).chain(args(line)))
+                    .unwrap_or_else(|e| panic!("{line}: {e}"));
+            let Command::Token {
+                client,
+                min_ttl,
+                format,
+                scopes,
+            } = full.command
+            else {
+                panic!("{line}: not token");
+            };
+            assert_eq!(fast.socket, full.socket, "{line}");
+            assert_eq!(fast.client, client, "{line}");
+            assert_eq!(fast.min_ttl, min_ttl, "{line}");
+            assert_eq!(fast.scopes, scopes, "{line}");
+            assert_eq!(
+                format!("{:?}", fast.format.to_possible_value()),
+                format!("{:?}", format.to_possible_value()),
+                "{line}"
+            );
+        }
+        for line in [
+            "token",
+            "token --help",
+            "token -h a",
+            "token a --format",
+            "token a --format bogus",
+            "token a --min-ttl soon",
+            "token -c -x a",
+            "token -c a -c b s",
+            "token -- a",
+            "token -cidp a",
+            "--socket",
+            "whoami",
+            "exec -s a -- env",
+            "--version",
+        ] {
+            assert!(
+                fast_token(&args(line)).is_none(),
+                "{line}: taken by the fast path"
+            );
+        }
     }
 }
