@@ -285,23 +285,43 @@ async fn http_load(socket: &Path, callers: usize, duration: Duration) -> anyhow:
             let mut errors = 0u64;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let (ok, close) = match sender.send_request(request()).await {
+                let (failure, close) = match sender.send_request(request()).await {
                     Ok(response) => {
                         // The daemon ends a keep-alive connection after 1000 requests, as any client expects.
                         let close = response
                             .headers()
                             .get("connection")
                             .is_some_and(|v| v == "close");
-                        let ok = response.status() == 200
-                            && response.into_body().collect().await.is_ok();
-                        (ok, close)
+                        let status = response.status();
+                        match response.into_body().collect().await {
+                            Ok(_) if status == 200 => (None, close),
+                            Ok(body) => (Some(format!("{status}: {:?}", body.to_bytes())), close),
+                            Err(e) => (Some(format!("{status}, body: {e}")), true),
+                        }
                     }
-                    Err(_) => (false, true),
+                    // The daemon closed the connection while it was idle, before this request was sent (an
+                    // HTTP/1.1 connection waiting longer than 5 s for its next request is closed): a client
+                    // reconnects and sends it again, as HTTP clients do with a pooled connection.
+                    Err(e) if e.is_canceled() => {
+                        match connect(socket.clone()).await {
+                            Ok(s) => sender = s,
+                            Err(_) => break,
+                        }
+                        continue;
+                    }
+                    Err(e) => (Some(e.to_string()), true),
                 };
-                if ok {
-                    latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                } else {
-                    errors += 1;
+                match failure {
+                    None => {
+                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                    }
+                    Some(why) => {
+                        // (Each caller's first error is shown, on stderr, beside the table.)
+                        if errors == 0 {
+                            eprintln!("HTTP API error after {:?}: {why}", t.duration_since(start));
+                        }
+                        errors += 1;
+                    }
                 }
                 if close {
                     match connect(socket.clone()).await {
@@ -380,6 +400,8 @@ async fn run(quick: bool) -> anyhow::Result<()> {
     dir.write("idp.secret", secret, 0o600);
     let mut scopes: Vec<String> = (0..DISTINCT).map(|i| format!("bench:s{i}")).collect();
     scopes.extend([HOT.to_owned(), "bench:cold".to_owned()]);
+    // For the oidc-agent peer, which asks for these with its refresh token.
+    scopes.extend(["openid".to_owned(), "offline_access".to_owned()]);
     scopes.extend((0..LARGEST).flat_map(largest_scope_set));
     let idp = StandInIdp::start(
         0,
@@ -710,22 +732,31 @@ scopes = ["other:read"]
         ));
     }
 
-    // The CLI's cold start: a whole `credbroker token` process for a cached token.
+    // The CLI's cold start: a whole `credbroker token` process for a cached token. Processes are run and
+    // waited for from a thread of their own (std's spawn and waitpid, as hyperfine does): tokio's child
+    // reaping, woken by SIGCHLD, would add its own latency to every run.
     let cli = bin("credbroker");
+    let ours = {
+        let (cli, socket) = (cli.clone(), broker_socket.clone());
+        move || {
+            let mut c = std::process::Command::new(&cli);
+            c.arg("--socket")
+                .arg(&socket)
+                .args(["token", "-c", "idp", HOT])
+                .stdout(Stdio::null());
+            c
+        }
+    };
     let runs = if quick { 11 } else { 51 };
-    let mut walls = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let out = tokio::process::Command::new(&cli)
-            .arg("--socket")
-            .arg(&broker_socket)
-            .args(["token", "-c", "idp", HOT])
-            .stdout(Stdio::null())
-            .status()
-            .await?;
-        anyhow::ensure!(out.success(), "credbroker token failed");
-        walls.push(t.elapsed().as_secs_f64());
-    }
+    let mut walls = {
+        let ours = ours.clone();
+        tokio::task::spawn_blocking(move || {
+            (0..runs)
+                .map(|_| run_wall(&mut ours()))
+                .collect::<anyhow::Result<Vec<f64>>>()
+        })
+        .await??
+    };
     let cli_median = Duration::from_secs_f64(median(walls.clone()));
     walls.sort_by(f64::total_cmp);
     let cli_p90 = Duration::from_secs_f64(walls[walls.len() * 9 / 10]);
@@ -740,22 +771,73 @@ scopes = ["other:read"]
         Some(cli_median < Duration::from_millis(15)),
     ));
 
+    // A peer: oidc-agent's `oidc-token` (C) for a cached token, paired with `credbroker token`, interleaved.
+    rows.push(match oidc_agent(&idp, &dir, secret).await {
+        Ok(agent) => {
+            let pairs = if quick { 101 } else { 1001 };
+            let peer = {
+                let socket = agent.socket.clone();
+                move || {
+                    let mut c = std::process::Command::new("oidc-token");
+                    c.arg("bench")
+                        .env("OIDC_SOCK", &socket)
+                        .stdout(Stdio::null());
+                    c
+                }
+            };
+            let (o, p) = tokio::task::spawn_blocking(move || {
+                let (mut theirs, mut mine) = (Vec::new(), Vec::new());
+                for i in 0..pairs {
+                    // Which goes first alternates, so neither always finds the caches warm.
+                    if i % 2 == 0 {
+                        mine.push(run_wall(&mut ours())?);
+                        theirs.push(run_wall(&mut peer())?);
+                    } else {
+                        theirs.push(run_wall(&mut peer())?);
+                        mine.push(run_wall(&mut ours())?);
+                    }
+                }
+                anyhow::Ok((median(mine), median(theirs)))
+            })
+            .await??;
+            row(
+                "CLI `credbroker token` vs oidc-agent's `oidc-token` (cached), paired, median wall",
+                format!(
+                    "{} vs {} = {:.2}x ({pairs} pairs)",
+                    ms(Duration::from_secs_f64(o)),
+                    ms(Duration::from_secs_f64(p)),
+                    o / p
+                ),
+                "<= 0.9x",
+                Some(o / p <= 0.9),
+            )
+        }
+        Err(e) => row(
+            "CLI `credbroker token` vs oidc-agent's `oidc-token`",
+            format!("skipped: {e}"),
+            "",
+            None,
+        ),
+    });
+
     // The CLI's `proof`, whole process, for a cached token.
-    let mut walls = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let out = tokio::process::Command::new(&cli)
-            .arg("--socket")
-            .arg(&broker_socket)
-            .args(["proof", "-c", "bound", "--method", "GET", "--url"])
-            .arg("https://api.example.com/v1/users")
-            .arg(HOT)
-            .stdout(Stdio::null())
-            .status()
-            .await?;
-        anyhow::ensure!(out.success(), "credbroker proof failed");
-        walls.push(t.elapsed().as_secs_f64());
-    }
+    let (cli, socket) = (cli.clone(), broker_socket.clone());
+    let walls = tokio::task::spawn_blocking(move || {
+        (0..runs)
+            .map(|_| {
+                run_wall(
+                    std::process::Command::new(&cli)
+                        .arg("--socket")
+                        .arg(&socket)
+                        .args(["proof", "-c", "bound", "--method", "GET", "--url"])
+                        .arg("https://api.example.com/v1/users")
+                        .arg(HOT)
+                        .stdout(Stdio::null()),
+                )
+            })
+            .collect::<anyhow::Result<Vec<f64>>>()
+    })
+    .await??;
     rows.push(row(
         "CLI `credbroker proof` (cached token), wall",
         format!("median {}", ms(Duration::from_secs_f64(median(walls)))),
@@ -815,6 +897,89 @@ fn memory_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The wall time of one run of `command`, which must succeed (its output unread).
+fn run_wall(command: &mut std::process::Command) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let status = command.status()?;
+    let took = t.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "{command:?} failed: {status}");
+    Ok(took)
+}
+
+/// A running oidc-agent with account `bench` set up against the stand-in (by the refresh-token grant) and its
+/// token cached; killed when dropped.
+struct OidcAgent {
+    socket: String,
+    pid: u32,
+}
+
+impl Drop for OidcAgent {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.pid.to_string())
+            .status();
+    }
+}
+
+/// Starts oidc-agent (Debian's `oidc-agent-cli`) with its own home in `dir`, and sets up account `bench`.
+async fn oidc_agent(idp: &StandInIdp, dir: &TestDir, secret: &str) -> anyhow::Result<OidcAgent> {
+    let home = dir.path().join("oidc-home");
+    std::fs::create_dir_all(&home)?;
+    let out = tokio::process::Command::new("oidc-agent")
+        .arg("--no-autoload")
+        .env("HOME", &home)
+        .output()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("oidc-agent is not installed (apt-get install oidc-agent-cli): {e}")
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |name: &str| {
+        text.split(';')
+            .find_map(|part| part.trim().strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+    };
+    let (Some(socket), Some(pid)) = (value("OIDC_SOCK"), value("OIDCD_PID")) else {
+        anyhow::bail!("oidc-agent did not say where it listens: {text:?}");
+    };
+    let agent = OidcAgent {
+        socket,
+        pid: pid.parse()?,
+    };
+    idp.allow_refresh_token("bench-refresh-token", &["openid", "offline_access", HOT]);
+    let generated = tokio::process::Command::new("oidc-gen")
+        .arg(format!("--iss={}", idp.issuer()))
+        .args(["--client-id=broker", &format!("--client-secret={secret}")])
+        .args(["--rt=bench-refresh-token", &format!("--scope=openid {HOT}")])
+        .args([
+            "--pw-env",
+            "--confirm-default",
+            "--prompt=none",
+            "--no-url-call",
+            "--no-save",
+            "bench",
+        ])
+        .env("HOME", &home)
+        .env("OIDC_SOCK", &agent.socket)
+        .env("OIDC_ENCRYPTION_PW", "bench")
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        generated.status.success(),
+        "oidc-gen could not set up the account: {}",
+        String::from_utf8_lossy(&generated.stderr).trim()
+    );
+    let status = tokio::process::Command::new("oidc-token")
+        .arg("bench")
+        .env("OIDC_SOCK", &agent.socket)
+        .stdout(Stdio::null())
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "oidc-token failed");
+    Ok(agent)
 }
 
 /// Attacking processes: each a uid and `attacker.py`'s arguments.

@@ -94,6 +94,8 @@ struct State {
     dpop_nonce: Mutex<Option<String>>,
     /// Proof `jti`s seen.
     seen_jti: Mutex<std::collections::HashSet<String>>,
+    /// The refresh token the refresh-token grant accepts, once enabled, and the scopes discovery lists.
+    refresh_token: Mutex<Option<(String, Vec<String>)>>,
 }
 
 /// A running stand-in endpoint.
@@ -166,6 +168,7 @@ impl StandInIdp {
             token_url: Mutex::new(String::new()),
             dpop_nonce: Mutex::new(None),
             seen_jti: Mutex::default(),
+            refresh_token: Mutex::new(None),
         });
         let https = tls.is_some();
         *state.token_url.lock().unwrap() = format!(
@@ -208,6 +211,20 @@ impl StandInIdp {
     /// `DPoP-Nonce: nonce` header, as servers that require nonces do.
     pub fn require_dpop_nonce(&self, nonce: &str) {
         *self.state.dpop_nonce.lock().unwrap() = Some(nonce.to_owned());
+    }
+
+    /// From now on, also the refresh-token grant, for `token` (it is answered with new access tokens and the
+    /// same refresh token), and OpenID Connect discovery at `/.well-known/openid-configuration`, listing
+    /// `scopes`: what a peer client that keeps refresh tokens (oidc-agent) needs to be set up against the
+    /// stand-in.
+    pub fn allow_refresh_token(&self, token: &str, scopes: &[&str]) {
+        let scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+        *self.state.refresh_token.lock().unwrap() = Some((token.to_owned(), scopes));
+    }
+
+    /// The issuer the discovery document names: the endpoint's origin.
+    pub fn issuer(&self) -> String {
+        self.token_url().replace("/oauth2/token", "")
     }
 
     /// The key a token is bound to (its `cnf.jkt`), if it is active and was issued DPoP-bound.
@@ -378,6 +395,27 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Resp, Infal
     if req.method() == hyper::Method::POST && req.uri().path() == "/oauth2/introspect" {
         return Ok(introspect(req, state).await);
     }
+    let discovery = (req.method() == hyper::Method::GET
+        && req.uri().path() == "/.well-known/openid-configuration")
+        .then(|| state.refresh_token.lock().unwrap().clone())
+        .flatten();
+    if let Some((_, scopes)) = discovery {
+        let token_url = state.token_url.lock().unwrap().clone();
+        let issuer = token_url.replace("/oauth2/token", "");
+        let doc = serde_json::json!({
+            "issuer": issuer,
+            "token_endpoint": token_url,
+            "authorization_endpoint": format!("{issuer}/authorize"),
+            "jwks_uri": format!("{issuer}/jwks"),
+            "grant_types_supported": ["client_credentials", "refresh_token"],
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+            "scopes_supported": scopes,
+        });
+        return Ok(respond(StatusCode::OK, "application/json", doc.to_string()));
+    }
     state.arrivals.fetch_add(1, Ordering::SeqCst);
     if req.method() != hyper::Method::POST || req.uri().path() != "/oauth2/token" {
         return Ok(respond(StatusCode::NOT_FOUND, "text/plain", "not found"));
@@ -509,7 +547,19 @@ async fn decide(
             "expected a form body",
         );
     }
-    if param("grant_type").as_deref() != Some("client_credentials") {
+    // The refresh-token grant, only when a test enabled it (to set up a peer such as oidc-agent, which keeps a
+    // refresh token): the token given must be the one enabled.
+    let refresh = param("grant_type").as_deref() == Some("refresh_token");
+    if refresh {
+        let enabled = state.refresh_token.lock().unwrap().clone().map(|(t, _)| t);
+        if enabled.is_none() || enabled != param("refresh_token") {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_grant",
+                "unknown refresh token",
+            );
+        }
+    } else if param("grant_type").as_deref() != Some("client_credentials") {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
@@ -548,7 +598,13 @@ async fn decide(
             "client authentication failed",
         );
     };
-    let requested: Vec<&str> = record.scope.split(' ').filter(|s| !s.is_empty()).collect();
+    let all = reg.scopes.join(" ");
+    let asked = if refresh && record.scope.is_empty() {
+        all.as_str()
+    } else {
+        record.scope.as_str()
+    };
+    let requested: Vec<&str> = asked.split(' ').filter(|s| !s.is_empty()).collect();
     if let Some(bad) = requested
         .iter()
         .find(|s| !reg.scopes.iter().any(|a| a == *s))
@@ -608,6 +664,9 @@ async fn decide(
         "expires_in": expires_in,
         "scope": granted,
     });
+    if refresh {
+        body["refresh_token"] = serde_json::json!(param("refresh_token"));
+    }
     match fault {
         Fault::NoExpiresIn => {
             body.as_object_mut().unwrap().remove("expires_in");

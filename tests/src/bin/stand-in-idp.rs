@@ -5,7 +5,7 @@
 
 use credbroker_tests::idp::{Registration, StandInIdp};
 
-const USAGE: &str = "usage: credbroker-stand-in-idp [--port N] --client-id ID --client-secret-file PATH --scopes 'A B C'";
+const USAGE: &str = "usage: credbroker-stand-in-idp [--port N] [--refresh-token TOKEN] --client-id ID --client-secret-file PATH --scopes 'A B C'";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
@@ -28,6 +28,7 @@ async fn main() -> std::process::ExitCode {
 async fn serve() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut port, mut id, mut secret_file, mut scopes) = (0u16, None, None, None);
+    let mut refresh = None;
     while let Some(flag) = args.next() {
         let mut value = || {
             args.next()
@@ -38,6 +39,7 @@ async fn serve() -> anyhow::Result<()> {
             "--client-id" => id = Some(value()?),
             "--client-secret-file" => secret_file = Some(value()?),
             "--scopes" => scopes = Some(value()?),
+            "--refresh-token" => refresh = Some(value()?),
             _ => anyhow::bail!("unknown argument {flag}\n{USAGE}"),
         }
     }
@@ -45,15 +47,22 @@ async fn serve() -> anyhow::Result<()> {
         anyhow::bail!(USAGE);
     };
     let secret = std::fs::read_to_string(&secret_file)?.trim_end().to_owned();
+    let scopes: Vec<String> = scopes.split_whitespace().map(str::to_owned).collect();
     let idp = StandInIdp::start(
         port,
         vec![Registration {
             id,
             secret,
-            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+            scopes: scopes.clone(),
         }],
     )
     .await;
+    if let Some(token) = refresh {
+        idp.allow_refresh_token(
+            &token,
+            &scopes.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
     println!("token_url={}", idp.token_url());
     eprintln!(
         "stand-in token endpoint (NOT an identity provider) at {}",
