@@ -608,10 +608,10 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
     if let Some(list) = t.list(errs, "admins", string) {
         d.admins = list;
     }
-    if let Some(v) = t.get("default_min_ttl") {
-        if let Some(ttl) = duration(errs, &t.key("default_min_ttl"), v) {
-            d.default_min_ttl = ttl;
-        }
+    if let Some(v) = t.get("default_min_ttl")
+        && let Some(ttl) = duration(errs, &t.key("default_min_ttl"), v)
+    {
+        d.default_min_ttl = ttl;
     }
     if let Some(v) = t.get("rate_limit") {
         let key = t.key("rate_limit");
@@ -666,10 +666,10 @@ fn daemon_config(errs: &mut Errors, table: &toml::Table) -> DaemonConfig {
             ),
         }
     }
-    if let Some(v) = t.get("idle_timeout") {
-        if let Some(idle) = duration(errs, &t.key("idle_timeout"), v) {
-            d.idle_timeout = idle;
-        }
+    if let Some(v) = t.get("idle_timeout")
+        && let Some(idle) = duration(errs, &t.key("idle_timeout"), v)
+    {
+        d.idle_timeout = idle;
     }
     if let Some(v) = t.get("retry_budget") {
         match v {
