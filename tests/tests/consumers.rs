@@ -279,11 +279,13 @@ async fn while_the_daemon_is_down_the_file_keeps_its_valid_token_then_loses_it_a
     .await;
     assert!(was_valid, "the file was removed before its token expired");
     assert!(!s.idp.is_valid(last.trim_end()));
-    let said = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        said.contains("trying again in") && said.contains("removed"),
-        "{said}"
-    );
+    // The sink says so just after it removed the file.
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    until("the sink's word on the removal", || {
+        said().contains("removed")
+    })
+    .await;
+    assert!(said().contains("trying again in"), "{}", said());
     // The daemon is back: a new token in the file, after the sink's backoff, which grows with the outage
     // (not with the number of tries, which the short pauses before the expiry made many).
     let d = s.daemon().await;
