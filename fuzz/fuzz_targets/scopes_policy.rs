@@ -61,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
                 },
                 clients: vec![client],
                 scopes: words.filter_map(ScopePattern::parse).collect(),
+                dpop_targets: Vec::new(),
             }
         })
         .collect();
