@@ -219,6 +219,11 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Where its stderr goes, to read once it has been stopped.
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
+    }
+
     /// The daemon's pid (of the wrapper, if one was used).
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")

@@ -99,6 +99,30 @@ impl SystemdBox {
             .expect("nsenter")
     }
 
+    /// Runs `script` until it exits 0 (every 50 ms, for a bounded time) and returns that run's stdout: for
+    /// what follows a step systemd does not wait for (a `systemctl reload` of a `Type=notify` unit returns
+    /// once its `ExecReload=` has sent the signal; journald takes a service's lines in on its own time).
+    ///
+    /// # Panics
+    /// If it has not succeeded by then.
+    pub async fn eventually(&self, script: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT * 2;
+        loop {
+            let out = self.sh(script).await;
+            if out.status.success() {
+                return String::from_utf8_lossy(&out.stdout).into_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{script}: {:?}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs `script` and returns its stdout, panicking with its output unless it exits 0.
     ///
     /// # Panics

@@ -566,7 +566,11 @@ async fn every_method_with_streams_dropped_and_no_window_causes_no_panic() {
     }
     let mut c = d.client().await;
     token_text(&mut c, &["scim:read"]).await;
-    let log = d.log();
+    // Stopped, so that whatever the last dropped streams and connections made it do is in the log.
+    drop(c);
+    let log_path = d.log_path();
+    assert!(d.stop().await.success());
+    let log = std::fs::read_to_string(log_path).unwrap();
     let panics = log.matches("panicked").count();
     assert_eq!(
         panics,
@@ -641,7 +645,8 @@ async fn refused_admin_calls_from_any_uid_are_within_the_log_budget() {
         &[],
     )
     .await;
-    assert!(report["answered"].as_u64().unwrap() > 1000, "{report}");
+    // A flood many times the log budget (bursts of 20), however slow the machine: thousands here.
+    assert!(report["answered"].as_u64().unwrap() > 300, "{report}");
     assert!(log.contains("event=\"admin\""), "{log}");
 }
 
@@ -674,7 +679,8 @@ async fn rate_limited_calls_are_within_the_log_budget() {
         &[],
     )
     .await;
-    assert!(report["answered"].as_u64().unwrap() > 1000, "{report}");
+    // A flood many times the log budget (bursts of 20), however slow the machine: thousands here.
+    assert!(report["answered"].as_u64().unwrap() > 300, "{report}");
     assert!(log.contains("event=\"error\""), "{log}");
 }
 
@@ -682,7 +688,8 @@ async fn rate_limited_calls_are_within_the_log_budget() {
 async fn a_caller_that_reconnects_for_every_call_is_granted_once_in_the_log() {
     let s = Setup::new().await;
     let (log, report) = flood_within_the_log_budget_or_not(&s, NOBODY).await;
-    assert!(report["answered"].as_u64().unwrap() > 200, "{report}");
+    // Many more than the one line it is worth (hundreds here).
+    assert!(report["answered"].as_u64().unwrap() > 50, "{report}");
     assert_eq!(
         log.matches("event=\"grant\"").count(),
         1,

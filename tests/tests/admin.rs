@@ -117,7 +117,12 @@ fn fingerprints(log: &str) -> Vec<String> {
 #[tokio::test]
 async fn status_shows_config_clients_entries_and_callers_but_never_a_token() {
     let s = Setup::new().await;
-    let d = s.daemon().await;
+    // A rate slow enough that the token nobody takes is not given back before `status` shows it.
+    let config = s.config().replace(
+        "[clients.idp]",
+        "rate_limit = { per_minute = 1, burst = 20 }\n\n[clients.idp]",
+    );
+    let d = Daemon::start(&s.dir, &config).await;
     // nobody asks first: its uid shows with its rate limit (one new token taken).
     let out = d.cli(Some(NOBODY), &["token", "scim:read"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

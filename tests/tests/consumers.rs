@@ -115,7 +115,16 @@ async fn a_sink_keeps_its_file_fresh_and_a_reader_never_sees_it_empty_partial_or
     );
     let meta = std::fs::metadata(&file).unwrap();
     assert_eq!((meta.mode() & 0o777, meta.uid()), (0o640, NOBODY.0));
-    // The command ran once per new token, never more.
+    // The command ran once per new token (it runs just after the file is replaced), never more.
+    let count = || {
+        std::fs::read_to_string(&changes)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    until("a run of the command for each token seen", || {
+        count() >= seen.len()
+    })
+    .await;
     let runs = std::fs::read_to_string(&changes).unwrap();
     assert!(runs.lines().all(|l| l == file.to_str().unwrap()), "{runs}");
     let runs = runs.lines().count();

@@ -1018,9 +1018,13 @@ async fn renew(inner: &Weak<Inner>, slot: &Weak<Slot>, token: &Arc<CachedToken>)
                 return Some(());
             }
             Err(e) => {
+                let slot_s = slot.upgrade();
+                // Failing before counted: whoever sees the count then sees stale serves counted.
+                if let Some(slot_s) = &slot_s {
+                    slot_s.renewal_failing.store(true, Ordering::Relaxed);
+                }
                 metrics().renewal_failed();
-                let slot_s = slot.upgrade()?;
-                slot_s.renewal_failing.store(true, Ordering::Relaxed);
+                let slot_s = slot_s?;
                 tracing::warn!(
                     client = %slot_s.key.client,
                     scopes = %slot_s.key.scopes,
