@@ -44,6 +44,23 @@ fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("usage: credbroker-bench floor SOCKET"))?;
         return tokio::runtime::Runtime::new()?.block_on(floor(Path::new(socket)));
     }
+    const USAGE: &str = "usage: credbroker-bench [--quick] [--fleet]   (or: credbroker-bench floor SOCKET)\n\
+        \n\
+        Measures the release daemon against a bare tonic server and prints one table (Markdown).\n\
+        --quick  shortens every phase (CI's smoke run)\n\
+        --fleet  the fleet simulation instead: 1000 hosts x 20 keys through a 10-minute IdP outage\n\
+        Run it with scripts/bench, which builds the release binaries first.";
+    if let Some(unknown) = args[1..]
+        .iter()
+        .find(|a| !["--quick", "--fleet"].contains(&a.as_str()))
+    {
+        if unknown == "--help" || unknown == "-h" {
+            println!("{USAGE}");
+            return Ok(());
+        }
+        eprintln!("credbroker-bench: unknown argument {unknown:?}\n{USAGE}");
+        std::process::exit(64);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     if args.iter().any(|a| a == "--fleet") {
         return run_fleet(quick);
