@@ -733,14 +733,6 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
             out.raw(helpers::git_answer(&asked, &token, &username).as_bytes())?;
             return Ok(Next::Done);
         }
-        _ => {}
-    }
-    let mut client = Client::connect(&socket).await?;
-    match cli.command {
-        Command::Sink { .. }
-        | Command::GitCredential { .. }
-        | Command::Token { .. }
-        | Command::Exec { .. } => unreachable!("handled above"),
         Command::Proof {
             client: name,
             min_ttl,
@@ -755,7 +747,11 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
             if let Some(nonce) = nonce {
                 request = request.nonce(nonce);
             }
-            let proof = client.proof(request).await?;
+            let proof = credbroker_client::oneshot::proof(
+                &socket,
+                &request,
+                credbroker_client::DEFAULT_TIMEOUT,
+            )?;
             let (authorization, dpop) = (
                 proof.authorization().expose_secret(),
                 proof.dpop().expose_secret(),
@@ -766,7 +762,17 @@ async fn run(cli: Cli, out: &Output) -> Result<Next, CliError> {
                     serde_json::json!({ "authorization": authorization, "dpop": dpop }).to_string()
                 }
             })?;
+            return Ok(Next::Done);
         }
+        _ => {}
+    }
+    let mut client = Client::connect(&socket).await?;
+    match cli.command {
+        Command::Sink { .. }
+        | Command::GitCredential { .. }
+        | Command::Token { .. }
+        | Command::Exec { .. }
+        | Command::Proof { .. } => unreachable!("handled above"),
         Command::Completions { .. } | Command::Manpage => unreachable!("handled above"),
         Command::Reload => {
             let r = client.reload().await.map_err(|e| match e {

@@ -236,6 +236,16 @@ async fn bound_tokens_and_proofs_that_an_api_accepts_only_for_the_policys_target
         .arg(format!("url={users}"));
     let json: serde_json::Value = serde_json::from_str(&stdout(&run_cli(cmd, None).await)).unwrap();
     assert_eq!(json["authorization"], format!("DPoP {token}"));
+    // With the token's expiry, scopes and client, as /v1/token gives them.
+    assert_eq!(
+        (&json["client"], &json["scopes"]),
+        (&serde_json::json!("idp"), &serde_json::json!(["scim:read"]))
+    );
+    assert!(json["expires_in"].as_u64().unwrap() > 0, "{json}");
+    assert!(
+        json["expires_at"].as_str().unwrap().ends_with('Z'),
+        "{json}"
+    );
     check(
         json["dpop"].as_str().unwrap(),
         "POST",

@@ -5,7 +5,8 @@
 //! - `GET /v1/token?scope=S&scope=S2&client=C&min_ttl=SECONDS`: the JSON of `credbroker token --format json`.
 //! - `GET /v1/whoami`: the JSON of `credbroker whoami --format json`.
 //! - `GET /v1/proof?scope=S&client=C&method=M&url=U&nonce=N`: `{"authorization", "dpop"}`, the two headers of
-//!   a request to an API with a DPoP-bound token (the JSON of `credbroker proof --format json`).
+//!   a request to an API with a DPoP-bound token (the JSON of `credbroker proof --format json`), and the
+//!   token's `expires_at`, `expires_in`, `scopes` and `client` as `/v1/token` gives them.
 //!
 //! Every request must carry `Credbroker-Request: true`; none may have a body. Errors are JSON
 //! `{"error": "<gRPC status name, lowercase>", "message": "…"}` with the HTTP status of [`http_status`]. The
@@ -169,7 +170,15 @@ async fn route(
         let mut request = tonic::Request::new(query);
         request.extensions_mut().insert(conn);
         let p = broker.proof(request).await.map_err(failure)?;
-        return Ok(serde_json::json!({ "authorization": p.authorization, "dpop": p.dpop }));
+        let (expires_at, expires_in) = expiry(p.expires_at);
+        return Ok(serde_json::json!({
+            "authorization": p.authorization,
+            "dpop": p.dpop,
+            "expires_at": expires_at,
+            "expires_in": expires_in,
+            "scopes": p.scopes,
+            "client": p.client,
+        }));
     }
     let mut request = tonic::Request::new(pb::GetTokenRequest {
         scopes: query.scopes,
@@ -274,22 +283,27 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// The JSON of `credbroker token --format json`.
 fn token_json(t: &pb::GetTokenResponse) -> serde_json::Value {
-    let expires_at = t
-        .expires_at
-        .and_then(|ts| SystemTime::try_from(ts).ok())
-        .unwrap_or_else(SystemTime::now);
-    let expires_in = expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
-        .as_secs();
+    let (expires_at, expires_in) = expiry(t.expires_at);
     serde_json::json!({
         "access_token": t.access_token,
         "token_type": t.token_type,
-        "expires_at": humantime::format_rfc3339_seconds(expires_at).to_string(),
+        "expires_at": expires_at,
         "expires_in": expires_in,
         "scopes": t.scopes,
         "client": t.client,
     })
+}
+
+/// A token's expiry as the JSON answers give it: RFC 3339 (seconds), and seconds from now.
+fn expiry(at: Option<prost_types::Timestamp>) -> (String, u64) {
+    let at = at
+        .and_then(|ts| SystemTime::try_from(ts).ok())
+        .unwrap_or_else(SystemTime::now);
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    (
+        humantime::format_rfc3339_seconds(at).to_string(),
+        left.as_secs(),
+    )
 }
 
 /// The JSON of `credbroker whoami --format json`.
