@@ -327,14 +327,14 @@ fn files_under(dir: &std::path::Path) -> Vec<String> {
     out
 }
 
-#[tokio::test]
-async fn the_source_install_puts_in_place_what_the_package_does_stripped() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let stage = tempfile::tempdir().unwrap();
+/// `scripts/install --no-build ARGS --destdir DEST` from the checkout at `root`, which must succeed.
+async fn install(root: &std::path::Path, args: &[&str], dest: &std::path::Path) {
     let mut cmd = tokio::process::Command::new(root.join("scripts/install"));
-    cmd.args(["--no-build", "--prefix", "/usr", "--destdir"])
-        .arg(stage.path())
-        .current_dir(&root);
+    cmd.arg("--no-build")
+        .args(args)
+        .arg("--destdir")
+        .arg(dest)
+        .current_dir(root);
     let out = credbroker_tests::run_cli(cmd, None).await;
     assert_eq!(
         out.status.code(),
@@ -342,6 +342,13 @@ async fn the_source_install_puts_in_place_what_the_package_does_stripped() {
         "{}",
         credbroker_tests::stderr(&out)
     );
+}
+
+#[tokio::test]
+async fn the_source_install_puts_in_place_what_the_package_does_stripped() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stage = tempfile::tempdir().unwrap();
+    install(&root, &["--prefix", "/usr"], stage.path()).await;
     // The same files as the .deb, but the Debian-specific copyright and changelog.
     let staged = files_under(stage.path());
     let listing = std::process::Command::new("dpkg-deb")
@@ -381,17 +388,7 @@ async fn the_source_install_puts_in_place_what_the_package_does_stripped() {
     assert!(unit.contains("ExecStart=/usr/bin/credbrokerd"), "{unit}");
     // Under /usr/local, they point there.
     let local = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(root.join("scripts/install"));
-    cmd.args(["--no-build", "--destdir"])
-        .arg(local.path())
-        .current_dir(&root);
-    let out = credbroker_tests::run_cli(cmd, None).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        credbroker_tests::stderr(&out)
-    );
+    install(&root, &[], local.path()).await;
     let unit = std::fs::read_to_string(
         local
             .path()

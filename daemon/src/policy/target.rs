@@ -86,7 +86,7 @@ fn checked(s: &str) -> Result<Url, String> {
     }
     match url.scheme() {
         "https" => Ok(url),
-        "http" if loopback(&url) => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
         "http" => Err(format!(
             "\"{shown}\": plain http is for loopback targets only; use https"
         )),
@@ -96,7 +96,8 @@ fn checked(s: &str) -> Result<Url, String> {
     }
 }
 
-fn loopback(url: &Url) -> bool {
+/// Whether `url`'s host is this machine: `localhost` or a loopback address.
+pub(crate) fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),

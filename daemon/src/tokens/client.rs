@@ -1,12 +1,12 @@
 //! A client registration at an IdP, as the broker uses it: where its token endpoint is, how it authenticates
 //! there, what it sends with every request. The config builds these; nothing here reads the config.
 
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use reqwest::Url;
 
+use crate::policy::target::is_loopback;
 use crate::secret::{Rotating, Secret, SecretSource};
 use crate::tokens::assertion::Assertion;
 use crate::tokens::jwt::{Alg, Certificate, PrivateKey};
@@ -244,14 +244,5 @@ pub fn endpoint_url(s: &str, allow_http: bool) -> Result<Url, String> {
              clear; use https (or set allow_http = true if you really mean it)"
         )),
         other => Err(format!("unsupported scheme {other:?}; use https")),
-    }
-}
-
-fn is_loopback(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Domain(d)) => d == "localhost",
-        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-        None => false,
     }
 }
