@@ -263,6 +263,14 @@ impl TokenRequest {
         self.min_ttl = Some(min_ttl);
         self
     }
+
+    /// `min_ttl` as the wire has it: whole seconds, rounded up (a caller asking for 1.5 s needs 2); 0 for the
+    /// daemon's default.
+    pub(crate) fn min_ttl_seconds(&self) -> u32 {
+        self.min_ttl.map_or(0, |d| {
+            u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
+        })
+    }
 }
 
 /// The two headers of one request to an API with a DPoP-bound token ([`Client::proof`]).
@@ -504,10 +512,7 @@ impl Client {
     /// # Errors
     /// As [`Client::token`].
     pub async fn get_token(&mut self, request: TokenRequest) -> Result<Token, Error> {
-        let min_ttl = request.min_ttl.map_or(0, |d| {
-            // Round up: a caller asking for 1.5 s needs 2.
-            u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
-        });
+        let min_ttl = request.min_ttl_seconds();
         let req = tonic::Request::new(pb::GetTokenRequest {
             scopes: request.scopes,
             client: request.client.unwrap_or_default(),
@@ -549,9 +554,7 @@ impl Client {
     /// [`Error::is_invalid_request`] when the client does not bind its tokens or the method or URL is not
     /// usable.
     pub async fn proof(&mut self, request: ProofRequest) -> Result<Proof, Error> {
-        let min_ttl = request.token.min_ttl.map_or(0, |d| {
-            u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
-        });
+        let min_ttl = request.token.min_ttl_seconds();
         let req = tonic::Request::new(pb::ProofRequest {
             scopes: request.token.scopes,
             client: request.token.client.unwrap_or_default(),
@@ -1010,7 +1013,7 @@ impl RequestBuilderExt for reqwest::RequestBuilder {
 /// ```
 #[cfg(feature = "reqwest")]
 pub struct DpopSender {
-    client: tokio::sync::Mutex<Client>,
+    client: Client,
     http: reqwest::Client,
     token: TokenRequest,
     /// The latest nonce each origin gave.
@@ -1038,7 +1041,7 @@ impl DpopSender {
     /// Requests through `http`, with tokens of `token`'s scopes and client and proofs from `client`.
     pub fn new(client: Client, http: reqwest::Client, token: TokenRequest) -> Self {
         Self {
-            client: tokio::sync::Mutex::new(client),
+            client,
             http,
             token,
             nonces: std::sync::Mutex::default(),
@@ -1066,7 +1069,8 @@ impl DpopSender {
             if let Some(n) = &nonce {
                 request = request.nonce(n.clone());
             }
-            let proof = self.client.lock().await.proof(request).await?;
+            // A clone per request (cheap: one channel), so that concurrent sends do not wait on each other.
+            let proof = self.client.clone().proof(request).await?;
             let header = |v: &SecretString| {
                 reqwest::header::HeaderValue::from_str(v.expose_secret())
                     .map(|mut h| {

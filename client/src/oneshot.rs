@@ -81,7 +81,7 @@ fn proof_of(json: &serde_json::Value) -> Proof {
     }
 }
 
-/// The query of a token request: each scope, the client, `min_ttl` in whole seconds (rounded up).
+/// The query of a token request: each scope, the client, `min_ttl` as gRPC sends it.
 fn query(request: &TokenRequest) -> String {
     let mut query = String::new();
     for scope in &request.scopes {
@@ -90,9 +90,12 @@ fn query(request: &TokenRequest) -> String {
     if let Some(client) = &request.client {
         push_param(&mut query, "client", client);
     }
-    if let Some(min_ttl) = request.min_ttl {
-        let secs = min_ttl.as_secs() + u64::from(min_ttl.subsec_nanos() > 0);
-        push_param(&mut query, "min_ttl", &secs.to_string());
+    if request.min_ttl.is_some() {
+        push_param(
+            &mut query,
+            "min_ttl",
+            &request.min_ttl_seconds().to_string(),
+        );
     }
     query
 }
@@ -213,46 +216,27 @@ fn scopes(json: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The gRPC code the HTTP API names in `error` (lowercase names, as the daemon's `code_name` writes them).
+/// The gRPC code the HTTP API names in `error` (the daemon's `error::code_name`, read back).
 fn code(name: &str) -> tonic::Code {
     use tonic::Code as C;
-    [
-        C::Cancelled,
-        C::Unknown,
-        C::InvalidArgument,
-        C::DeadlineExceeded,
-        C::NotFound,
-        C::AlreadyExists,
-        C::PermissionDenied,
-        C::ResourceExhausted,
-        C::FailedPrecondition,
-        C::Aborted,
-        C::OutOfRange,
-        C::Unimplemented,
-        C::Internal,
-        C::Unavailable,
-        C::DataLoss,
-        C::Unauthenticated,
-    ]
-    .into_iter()
-    .find(|c| snake(&format!("{c:?}")) == name)
-    .unwrap_or(C::Unknown)
-}
-
-/// `PermissionDenied` → `permission_denied`.
-fn snake(camel: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
+    match name {
+        "cancelled" => C::Cancelled,
+        "invalid_argument" => C::InvalidArgument,
+        "deadline_exceeded" => C::DeadlineExceeded,
+        "not_found" => C::NotFound,
+        "already_exists" => C::AlreadyExists,
+        "permission_denied" => C::PermissionDenied,
+        "resource_exhausted" => C::ResourceExhausted,
+        "failed_precondition" => C::FailedPrecondition,
+        "aborted" => C::Aborted,
+        "out_of_range" => C::OutOfRange,
+        "unimplemented" => C::Unimplemented,
+        "internal" => C::Internal,
+        "unavailable" => C::Unavailable,
+        "data_loss" => C::DataLoss,
+        "unauthenticated" => C::Unauthenticated,
+        _ => C::Unknown,
     }
-    out
 }
 
 #[cfg(test)]
