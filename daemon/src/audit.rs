@@ -337,7 +337,8 @@ impl Audit {
     }
 
     /// A DPoP proof handed out: logged the first time its uid gets one for a given token and target origin
-    /// (scheme, host and port), counted otherwise, like grants.
+    /// (scheme, host and port), as grants are (the proofs metric counts every one). Past the tracking cap,
+    /// logged every time, within the uid's log budget.
     pub fn proof(
         &self,
         key: LogKey,
@@ -350,16 +351,17 @@ impl Audit {
         let origin = url.origin().ascii_serialization();
         let first = {
             let mut proofs = self.proofs.lock().unwrap_or_else(|e| e.into_inner());
-            if proofs.len() >= MAX_TRACKED_GRANTS {
-                let now = Instant::now();
-                proofs.retain(|_, until| *until > now);
+            let tracked = (caller.uid, token, origin);
+            let first = !proofs.contains_key(&tracked);
+            if first && proofs.len() < MAX_TRACKED_GRANTS {
+                proofs.insert(tracked.clone(), expires);
             }
-            proofs.len() < MAX_TRACKED_GRANTS
-                && proofs
-                    .insert((caller.uid, token, origin.clone()), expires)
-                    .is_none()
+            first.then_some(tracked.2)
         };
-        if first && self.budget.allow(key, Kind::Grant) {
+        let Some(origin) = first else {
+            return;
+        };
+        if self.budget.allow(key, Kind::Grant) {
             tracing::info!(
                 target: TARGET,
                 event = "proof",

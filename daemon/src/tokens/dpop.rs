@@ -73,11 +73,6 @@ impl DpopKey {
         &self.thumbprint
     }
 
-    /// The public key, as a JWK.
-    pub fn jwk(&self) -> &str {
-        &self.jwk
-    }
-
     /// A proof (RFC 9449 §4.2) for a `method` request to `htu` (a URL without query and fragment), made at
     /// `now`: `typ` `dpop+jwt`, ES256, the public JWK in the header; `jti` (random), `htm`, `htu`, `iat`,
     /// and `ath` (the hash of `access_token`) and `nonce` when given.
